@@ -1,0 +1,385 @@
+package pgstore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+
+	"github.com/google/uuid"
+	"github.com/lib/pq"
+
+	"github.com/stele-dev/stele/eventstore"
+)
+
+// request is one append on its way to the database.
+type request struct {
+	streamID string
+	expected eventstore.ExpectedVersion
+	events   []eventstore.PreparedEvent
+
+	attempts int
+	alone    bool // its last group failed as a whole: run it by itself
+	res      eventstore.AppendResult
+	err      error
+	done     chan struct{}
+}
+
+// outcome of one request inside an append_events call (see the migration).
+const (
+	statusAppended = 0
+	statusConflict = 1
+	statusNewer    = 2
+	statusIDsExist = 3
+)
+
+// errCheckStored is an internal outcome: some ids are stored already and the
+// caller must decide between an idempotent retry and a mismatch.
+var errCheckStored = errors.New("pgstore: event ids already stored")
+
+// Append appends events to a stream if expected holds. It returns after the
+// transaction holding them has committed. With group commit (the default)
+// appends arriving while a commit is in flight share the next transaction;
+// each keeps its own checks and its own outcome.
+func (s *Store) Append(ctx context.Context, streamID string, expected eventstore.ExpectedVersion, events []eventstore.EventData) (eventstore.AppendResult, error) {
+	prepared, err := eventstore.PrepareAppend(streamID, expected, events, s.cfg.Limits)
+	if err != nil {
+		return eventstore.AppendResult{}, err
+	}
+	r := &request{streamID: streamID, expected: expected, events: prepared, done: make(chan struct{})}
+	if s.commit != nil {
+		if err := s.commit.submit(ctx, r); err != nil {
+			return eventstore.AppendResult{}, err
+		}
+	} else {
+		for {
+			s.runGroup(ctx, []*request{r})
+			if r.err == nil || !eventstore.IsRetryable(r.err) || r.attempts > s.cfg.MaxAppendRetries || ctx.Err() != nil {
+				break
+			}
+		}
+	}
+	if errors.Is(r.err, errCheckStored) {
+		return s.checkStored(ctx, s.db, r)
+	}
+	return r.res, r.err
+}
+
+// Tx is a caller's transaction: *sql.Tx and *sqlx.Tx both are one.
+type Tx interface {
+	StmtContext(ctx context.Context, stmt *sql.Stmt) *sql.Stmt
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+}
+
+// AppendTx appends inside the caller's transaction, so business rows and
+// events commit or roll back together. Refusals (conflict, bad input,
+// idempotency mismatch) leave tx usable. An error for which
+// eventstore.IsRetryable holds means this transaction cannot append to the
+// stream; roll it back and run it again.
+//
+// Keep such transactions short: the global feed waits for every transaction
+// older than the ones it shows.
+func (s *Store) AppendTx(ctx context.Context, tx Tx, streamID string, expected eventstore.ExpectedVersion, events []eventstore.EventData) (eventstore.AppendResult, error) {
+	prepared, err := eventstore.PrepareAppend(streamID, expected, events, s.cfg.Limits)
+	if err != nil {
+		return eventstore.AppendResult{}, err
+	}
+	r := &request{streamID: streamID, expected: expected, events: prepared}
+	p, err := s.stmt(ctx, stmtAppend)
+	if err != nil {
+		return eventstore.AppendResult{}, err
+	}
+	s.execGroup(ctx, tx.StmtContext(ctx, p), []*request{r})
+	if errors.Is(r.err, errCheckStored) {
+		return s.checkStored(ctx, tx, r)
+	}
+	return r.res, r.err
+}
+
+// runGroup appends a group in one autocommit statement: one round trip, one
+// commit. A statement that fails as a whole is retried request by request, so
+// each error reaches the append that caused it.
+func (s *Store) runGroup(ctx context.Context, group []*request) {
+	p, err := s.stmt(ctx, stmtAppend)
+	if err != nil {
+		for _, r := range group {
+			r.err = err
+		}
+		return
+	}
+	s.execGroup(ctx, p, group)
+	if len(group) > 1 {
+		for _, r := range group {
+			if r.alone {
+				r.err = nil
+				s.execGroup(ctx, p, []*request{r})
+			}
+		}
+	}
+	s.wake.Notify()
+}
+
+// execGroup runs append_events for group and sets each request's outcome.
+func (s *Store) execGroup(ctx context.Context, stmt *sql.Stmt, group []*request) {
+	for _, r := range group {
+		r.attempts++
+	}
+	// Lock streams in one order in every group, so groups cannot deadlock.
+	sorted := group
+	if len(group) > 1 {
+		sorted = slices.Clone(group)
+		slices.SortStableFunc(sorted, func(a, b *request) int { return strings.Compare(a.streamID, b.streamID) })
+	}
+	args := buildArgs(sorted)
+	rows, err := stmt.QueryContext(ctx, args...)
+	if err == nil {
+		err = s.readOutcomes(rows, sorted)
+	}
+	if err == nil {
+		return
+	}
+	if len(group) > 1 {
+		for _, r := range group {
+			r.alone = true
+		}
+		return
+	}
+	group[0].err = translate(group[0].streamID, err)
+}
+
+func (s *Store) readOutcomes(rows *sql.Rows, sorted []*request) error {
+	defer rows.Close()
+	seen := 0
+	for rows.Next() {
+		var req, status int
+		var actual, firstPos, lastPos sql.NullInt64
+		var xid sql.NullString
+		if err := rows.Scan(&req, &status, &actual, &firstPos, &lastPos, &xid); err != nil {
+			return err
+		}
+		if req < 1 || req > len(sorted) {
+			return fmt.Errorf("pgstore: append_events returned request %d of %d", req, len(sorted))
+		}
+		r := sorted[req-1]
+		seen++
+		switch status {
+		case statusAppended:
+			tx, err := strconv.ParseUint(xid.String, 10, 64)
+			if err != nil {
+				return fmt.Errorf("pgstore: parsing transaction id %q: %w", xid.String, err)
+			}
+			r.res = eventstore.AppendResult{
+				StreamID:      r.streamID,
+				FirstVersion:  eventstore.Version(actual.Int64 + 1),
+				LastVersion:   eventstore.Version(actual.Int64 + int64(len(r.events))),
+				FirstPosition: eventstore.Position{TxID: tx, GlobalPosition: firstPos.Int64},
+				LastPosition:  eventstore.Position{TxID: tx, GlobalPosition: lastPos.Int64},
+			}
+			r.err = nil
+		case statusConflict:
+			r.err = &eventstore.ConcurrencyError{StreamID: r.streamID, Expected: r.expected, Actual: eventstore.Version(actual.Int64)}
+		case statusNewer:
+			r.err = &eventstore.RetryableError{StreamID: r.streamID, Reason: "the stream's last writer is a newer transaction"}
+		case statusIDsExist:
+			r.err = errCheckStored
+		default:
+			return fmt.Errorf("pgstore: append_events returned status %d", status)
+		}
+	}
+	if err := rows.Err(); err != nil {
+		return err
+	}
+	if seen != len(sorted) {
+		return fmt.Errorf("pgstore: append_events answered %d of %d requests", seen, len(sorted))
+	}
+	return nil
+}
+
+func buildArgs(group []*request) []any {
+	n := 0
+	for _, r := range group {
+		n += len(r.events)
+	}
+	streams := make([]string, len(group))
+	expected := make([]int64, len(group))
+	counts := make([]int64, len(group))
+	ids := make([]string, 0, n)
+	types := make([]string, 0, n)
+	ctypes := make([]string, 0, n)
+	data := make([][]byte, 0, n)
+	meta := make([]string, 0, n)
+	for i, r := range group {
+		streams[i] = r.streamID
+		expected[i] = int64(r.expected)
+		counts[i] = int64(len(r.events))
+		for _, e := range r.events {
+			ids = append(ids, e.ID.String())
+			types = append(types, e.Type)
+			ctypes = append(ctypes, e.ContentType)
+			d := e.Data
+			if d == nil {
+				d = []byte{} // NULL is not an empty payload
+			}
+			data = append(data, d)
+			meta = append(meta, string(e.MetadataJSON))
+		}
+	}
+	return []any{pq.StringArray(streams), pq.Int64Array(expected), pq.Int64Array(counts),
+		pq.StringArray(ids), pq.StringArray(types), pq.StringArray(ctypes), pq.ByteaArray(data), pq.StringArray(meta)}
+}
+
+// checkStored settles an append whose ids are already stored: the same batch
+// again is an idempotent retry and returns the first result; anything else
+// is an IdempotencyError.
+func (s *Store) checkStored(ctx context.Context, q interface {
+	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
+}, r *request) (eventstore.AppendResult, error) {
+	ids := make([]string, len(r.events))
+	for i, e := range r.events {
+		ids[i] = e.ID.String()
+	}
+	rows, err := q.QueryContext(ctx, s.stmts.text[stmtStoredByID], pq.StringArray(ids))
+	if err != nil {
+		return eventstore.AppendResult{}, fmt.Errorf("pgstore: checking stored events of %q: %w", r.streamID, err)
+	}
+	events, err := scanEvents(rows, len(ids))
+	if err != nil {
+		return eventstore.AppendResult{}, fmt.Errorf("pgstore: checking stored events of %q: %w", r.streamID, err)
+	}
+	stored := make(map[uuid.UUID]eventstore.Event, len(events))
+	for _, e := range events {
+		stored[e.ID] = e
+	}
+	return eventstore.MatchStored(r.streamID, r.events, stored)
+}
+
+// sqlState is implemented by lib/pq's and pgx's error types alike.
+type sqlState interface{ SQLState() string }
+
+// translate maps driver errors at the edge: the ones a fresh transaction can
+// clear become retryable.
+func translate(streamID string, err error) error {
+	var st sqlState
+	if errors.As(err, &st) {
+		switch st.SQLState() {
+		case "40001":
+			return &eventstore.RetryableError{StreamID: streamID, Reason: "serialization failure", Err: err}
+		case "40P01":
+			return &eventstore.RetryableError{StreamID: streamID, Reason: "deadlock", Err: err}
+		case "23505": // an event id raced in from another stream
+			return &eventstore.RetryableError{StreamID: streamID, Reason: "event id written concurrently", Err: err}
+		}
+	}
+	return fmt.Errorf("pgstore: appending to %q: %w", streamID, err)
+}
+
+// committer folds concurrent appends into shared transactions. Up to
+// `flushers` group commits run at once; a request that arrives when one is
+// free is sent at once, and requests arriving while all are busy wait for the
+// next free one and go together.
+type committer struct {
+	s         *Store
+	maxEvents int
+
+	mu     sync.Mutex
+	cond   *sync.Cond
+	queue  []*request
+	closed bool
+	wg     sync.WaitGroup
+}
+
+func newCommitter(s *Store) *committer {
+	c := &committer{s: s, maxEvents: s.cfg.GroupCommitMaxEvents}
+	c.cond = sync.NewCond(&c.mu)
+	for range s.cfg.GroupCommitFlushers {
+		c.wg.Add(1)
+		go c.run()
+	}
+	return c
+}
+
+var errClosed = errors.New("pgstore: store is closed")
+
+func (c *committer) submit(ctx context.Context, r *request) error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return errClosed
+	}
+	c.queue = append(c.queue, r)
+	c.cond.Signal()
+	c.mu.Unlock()
+	select {
+	case <-r.done:
+		return nil
+	case <-ctx.Done():
+		// The append may still commit; an idempotent retry (same event ids)
+		// finds out which.
+		return fmt.Errorf("pgstore: appending to %q: outcome unknown: %w", r.streamID, ctx.Err())
+	}
+}
+
+func (c *committer) run() {
+	defer c.wg.Done()
+	for {
+		c.mu.Lock()
+		for len(c.queue) == 0 && !c.closed {
+			c.cond.Wait()
+		}
+		if len(c.queue) == 0 {
+			c.mu.Unlock()
+			return
+		}
+		group := c.take()
+		c.mu.Unlock()
+
+		c.s.runGroup(context.Background(), group)
+
+		var retry []*request
+		for _, r := range group {
+			if r.err != nil && eventstore.IsRetryable(r.err) && r.attempts <= c.s.cfg.MaxAppendRetries {
+				r.alone = true
+				retry = append(retry, r)
+				continue
+			}
+			close(r.done)
+		}
+		if len(retry) > 0 {
+			c.mu.Lock()
+			c.queue = append(retry, c.queue...)
+			c.cond.Signal()
+			c.mu.Unlock()
+		}
+	}
+}
+
+// take removes the next group from the queue: requests in arrival order up
+// to maxEvents, or one request by itself if it must run alone.
+func (c *committer) take() []*request {
+	if c.queue[0].alone {
+		r := c.queue[0]
+		r.alone = false
+		c.queue = c.queue[1:]
+		return []*request{r}
+	}
+	n, events := 0, 0
+	for n < len(c.queue) && !c.queue[n].alone && events+len(c.queue[n].events) <= c.maxEvents {
+		events += len(c.queue[n].events)
+		n++
+	}
+	group := slices.Clone(c.queue[:n])
+	c.queue = c.queue[n:]
+	return group
+}
+
+func (c *committer) close() {
+	c.mu.Lock()
+	c.closed = true
+	c.cond.Broadcast()
+	c.mu.Unlock()
+	c.wg.Wait()
+}

@@ -1,0 +1,387 @@
+// Package pgstore is the PostgreSQL event store: an append-only log in two
+// tables (streams, events) of one schema, over database/sql through sqlx.
+// lib/pq is the default driver; pgx's database/sql driver ("pgx") works too
+// and is tested the same way.
+//
+// The global feed never skips an event: every row records the transaction
+// that wrote it, and readers take only rows of transactions older than the
+// oldest one still running, in (transaction id, position) order. See
+// docs/eventstore.md for the guarantees and what they cost.
+package pgstore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/stele-dev/stele/eventstore"
+	"github.com/stele-dev/stele/internal/notify"
+)
+
+// Config tunes a Store. A nil *Config means all defaults.
+type Config struct {
+	// Schema holds the stele tables. Defaults to "stele".
+	Schema string
+	// Limits bound appends; zero fields take eventstore.DefaultLimits.
+	Limits eventstore.Limits
+	// DisableGroupCommit makes every Append a transaction of its own. By
+	// default appends that arrive while a commit is in flight are folded into
+	// the next one (each keeps its own checks and outcome).
+	DisableGroupCommit bool
+	// GroupCommitFlushers is how many group commits may be in flight at once.
+	// Defaults to 2.
+	GroupCommitFlushers int
+	// GroupCommitMaxEvents caps the events of one group commit. Defaults to 4,000.
+	GroupCommitMaxEvents int
+	// PollInterval is how often an idle subscriber looks for events written by
+	// other processes (or committed through AppendTx); appends through this
+	// Store wake its subscribers at once. Defaults to 100ms.
+	PollInterval time.Duration
+	// MaxAppendRetries bounds Append's own retries of retryable refusals.
+	// Defaults to 50.
+	MaxAppendRetries int
+	// Logger receives structured logs. Defaults to slog.Default().
+	Logger *slog.Logger
+}
+
+func (c *Config) withDefaults() (Config, error) {
+	var out Config
+	if c != nil {
+		out = *c
+	}
+	if out.Schema == "" {
+		out.Schema = "stele"
+	}
+	if out.GroupCommitFlushers == 0 {
+		out.GroupCommitFlushers = 2
+	}
+	if out.GroupCommitMaxEvents == 0 {
+		out.GroupCommitMaxEvents = 4000
+	}
+	if out.PollInterval == 0 {
+		out.PollInterval = 100 * time.Millisecond
+	}
+	if out.MaxAppendRetries == 0 {
+		out.MaxAppendRetries = 50
+	}
+	if out.Logger == nil {
+		out.Logger = slog.Default()
+	}
+	out.Limits = out.Limits.WithDefaults()
+	var errs []error
+	if err := ValidateSchema(out.Schema); err != nil {
+		errs = append(errs, fmt.Errorf("Config.Schema: %w", err))
+	}
+	if out.GroupCommitFlushers < 0 {
+		errs = append(errs, fmt.Errorf("pgstore: Config.GroupCommitFlushers %d: must be positive", out.GroupCommitFlushers))
+	}
+	if out.GroupCommitMaxEvents < out.Limits.MaxBatchEvents {
+		errs = append(errs, fmt.Errorf("pgstore: Config.GroupCommitMaxEvents %d: must be at least Limits.MaxBatchEvents (%d)", out.GroupCommitMaxEvents, out.Limits.MaxBatchEvents))
+	}
+	if out.PollInterval < 0 {
+		errs = append(errs, fmt.Errorf("pgstore: Config.PollInterval %s: must be positive", out.PollInterval))
+	}
+	return out, errors.Join(errs...)
+}
+
+// Store is the PostgreSQL event store. It is safe for concurrent use; Close
+// it to stop its group-commit goroutines.
+type Store struct {
+	db     *sqlx.DB
+	cfg    Config
+	schema string // quoted
+	wake   *notify.Notifier
+	stmts  statements
+	commit *committer // nil when group commit is off
+}
+
+var _ eventstore.Store = (*Store)(nil)
+
+// New returns a Store over db. The schema must have been migrated (Migrate or
+// `stele migrate`). A nil config means all defaults.
+func New(db *sqlx.DB, config *Config) (*Store, error) {
+	cfg, err := config.withDefaults()
+	if err != nil {
+		return nil, err
+	}
+	if db == nil {
+		return nil, errors.New("pgstore: New: db is nil")
+	}
+	s := &Store{db: db, cfg: cfg, schema: quoteIdent(cfg.Schema), wake: notify.New(cfg.PollInterval)}
+	s.stmts.init(s.schema)
+	if !cfg.DisableGroupCommit {
+		s.commit = newCommitter(s)
+	}
+	return s, nil
+}
+
+// Close stops the group committer after the appends already queued, and
+// releases prepared statements. It does not close the *sqlx.DB.
+func (s *Store) Close() error {
+	if s.commit != nil {
+		s.commit.close()
+	}
+	return s.stmts.close()
+}
+
+// Schema returns the schema the store's tables live in.
+func (s *Store) Schema() string { return s.cfg.Schema }
+
+// DB returns the database the store uses.
+func (s *Store) DB() *sqlx.DB { return s.db }
+
+// WaitForAppend returns a channel closed at this store's next commit, or
+// after PollInterval so that other writers' events are seen too.
+func (s *Store) WaitForAppend() <-chan struct{} { return s.wake.Wait() }
+
+// Notify wakes this store's subscribers now; call it after committing a
+// transaction that used AppendTx to skip the poll interval.
+func (s *Store) Notify() { s.wake.Notify() }
+
+// statements are prepared once per Store on first use, so the append and read
+// paths send no SQL text per call.
+type statements struct {
+	mu       sync.Mutex
+	prepared map[string]*sql.Stmt
+	text     map[string]string
+}
+
+const (
+	stmtAppend          = "append"
+	stmtStoredByID      = "stored"
+	stmtReadFwd         = "readFwd"
+	stmtReadBwd         = "readBwd"
+	stmtVersion         = "version"
+	stmtReadAll         = "readAll"
+	stmtReadAllCategory = "readAllCategory"
+	stmtReadAllSince    = "readAllSince"
+	stmtReadAllCatSince = "readAllCategorySince"
+	stmtListStreams     = "listStreams"
+	stmtListCategory    = "listStreamsCategory"
+)
+
+const eventColumns = `global_position, transaction_id::text, stream_id, version, event_id, event_type, content_type, data, metadata, recorded_at`
+
+func (st *statements) init(schema string) {
+	feed := `SELECT ` + eventColumns + ` FROM ` + schema + `.events
+		WHERE (transaction_id, global_position) > ($1::text::xid8, $2::bigint)
+		  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())`
+	order := ` ORDER BY transaction_id, global_position LIMIT $3`
+	st.text = map[string]string{
+		stmtAppend: `SELECT o_req, o_status, o_actual, o_first_pos, o_last_pos, o_xid FROM ` + schema +
+			`.append_events($1::text[], $2::bigint[], $3::int[], $4::uuid[], $5::text[], $6::text[], $7::bytea[], $8::jsonb[])`,
+		stmtStoredByID: `SELECT ` + eventColumns + ` FROM ` + schema + `.events WHERE event_id = ANY ($1::uuid[])`,
+		stmtReadFwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events
+			WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3`,
+		stmtReadBwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events
+			WHERE stream_id = $1 AND version <= $2 ORDER BY version DESC LIMIT $3`,
+		stmtVersion:         `SELECT version FROM ` + schema + `.streams WHERE stream_id = $1`,
+		stmtReadAll:         feed + order,
+		stmtReadAllCategory: feed + ` AND category = $4` + order,
+		stmtReadAllSince:    feed + ` AND recorded_at >= $4` + order,
+		stmtReadAllCatSince: feed + ` AND category = $4 AND recorded_at >= $5` + order,
+		stmtListStreams: `SELECT stream_id, category, version, created_at, updated_at FROM ` + schema + `.streams
+			WHERE stream_id > $1 AND version > 0 ORDER BY stream_id LIMIT $2`,
+		stmtListCategory: `SELECT stream_id, category, version, created_at, updated_at FROM ` + schema + `.streams
+			WHERE category = $3 AND stream_id > $1 AND version > 0 ORDER BY stream_id LIMIT $2`,
+	}
+	st.prepared = make(map[string]*sql.Stmt)
+}
+
+// get returns the prepared statement name, preparing it on first use. A
+// failed prepare (say, the schema is not migrated yet) is retried next time.
+func (s *Store) stmt(ctx context.Context, name string) (*sql.Stmt, error) {
+	st := &s.stmts
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	if p := st.prepared[name]; p != nil {
+		return p, nil
+	}
+	p, err := s.db.PrepareContext(ctx, st.text[name])
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: preparing %s statement in schema %s (is it migrated?): %w", name, s.cfg.Schema, err)
+	}
+	st.prepared[name] = p
+	return p, nil
+}
+
+func (st *statements) close() error {
+	st.mu.Lock()
+	defer st.mu.Unlock()
+	var errs []error
+	for name, p := range st.prepared {
+		errs = append(errs, p.Close())
+		delete(st.prepared, name)
+	}
+	return errors.Join(errs...)
+}
+
+func (s *Store) query(ctx context.Context, name string, args ...any) (*sql.Rows, error) {
+	p, err := s.stmt(ctx, name)
+	if err != nil {
+		return nil, err
+	}
+	return p.QueryContext(ctx, args...)
+}
+
+func pageLimit(n int) int {
+	if n <= 0 {
+		return eventstore.DefaultPageSize
+	}
+	return n
+}
+
+// ReadStream reads one page of a stream.
+func (s *Store) ReadStream(ctx context.Context, streamID string, opts eventstore.ReadStreamOpts) ([]eventstore.Event, error) {
+	if err := eventstore.ValidateStreamID(streamID); err != nil {
+		return nil, err
+	}
+	limit := pageLimit(opts.Limit)
+	var rows *sql.Rows
+	var err error
+	if opts.Direction == eventstore.Backward {
+		from := int64(opts.From)
+		if from <= 0 {
+			from = 1<<63 - 1
+		}
+		rows, err = s.query(ctx, stmtReadBwd, streamID, from, limit)
+	} else {
+		rows, err = s.query(ctx, stmtReadFwd, streamID, int64(max(opts.From, 1)), limit)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: reading stream %q: %w", streamID, err)
+	}
+	events, err := scanEvents(rows, limit)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: reading stream %q: %w", streamID, err)
+	}
+	return events, nil
+}
+
+// LoadStream reads a whole stream forwards with one query.
+func (s *Store) LoadStream(ctx context.Context, streamID string) ([]eventstore.Event, error) {
+	if err := eventstore.ValidateStreamID(streamID); err != nil {
+		return nil, err
+	}
+	rows, err := s.query(ctx, stmtReadFwd, streamID, int64(1), int64(1<<62))
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: loading stream %q: %w", streamID, err)
+	}
+	events, err := scanEvents(rows, 64)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: loading stream %q: %w", streamID, err)
+	}
+	return events, nil
+}
+
+// StreamVersion returns the stream's current version (0 if it has none).
+func (s *Store) StreamVersion(ctx context.Context, streamID string) (eventstore.Version, error) {
+	if err := eventstore.ValidateStreamID(streamID); err != nil {
+		return 0, err
+	}
+	p, err := s.stmt(ctx, stmtVersion)
+	if err != nil {
+		return 0, err
+	}
+	var v int64
+	err = p.QueryRowContext(ctx, streamID).Scan(&v)
+	if errors.Is(err, sql.ErrNoRows) {
+		return 0, nil
+	}
+	if err != nil {
+		return 0, fmt.Errorf("pgstore: reading version of %q: %w", streamID, err)
+	}
+	return eventstore.Version(v), nil
+}
+
+// ReadAll reads one page of the global feed after opts.After. Only events of
+// transactions older than every transaction still running are returned, so
+// nothing can later appear before the last event of a page.
+func (s *Store) ReadAll(ctx context.Context, opts eventstore.ReadAllOpts) ([]eventstore.Event, error) {
+	limit := pageLimit(opts.Limit)
+	args := []any{strconv.FormatUint(opts.After.TxID, 10), opts.After.GlobalPosition, limit}
+	name := stmtReadAll
+	switch {
+	case opts.Category != "" && !opts.Since.IsZero():
+		name, args = stmtReadAllCatSince, append(args, opts.Category, opts.Since)
+	case opts.Category != "":
+		name, args = stmtReadAllCategory, append(args, opts.Category)
+	case !opts.Since.IsZero():
+		name, args = stmtReadAllSince, append(args, opts.Since)
+	}
+	rows, err := s.query(ctx, name, args...)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: reading the feed after %s: %w", opts.After, err)
+	}
+	events, err := scanEvents(rows, limit)
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: reading the feed after %s: %w", opts.After, err)
+	}
+	return events, nil
+}
+
+// ListStreams pages through streams in id order.
+func (s *Store) ListStreams(ctx context.Context, opts eventstore.ListStreamsOpts) ([]eventstore.StreamInfo, error) {
+	limit := pageLimit(opts.Limit)
+	var rows *sql.Rows
+	var err error
+	if opts.Category != "" {
+		rows, err = s.query(ctx, stmtListCategory, opts.After, limit, opts.Category)
+	} else {
+		rows, err = s.query(ctx, stmtListStreams, opts.After, limit)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("pgstore: listing streams: %w", err)
+	}
+	defer rows.Close()
+	var out []eventstore.StreamInfo
+	for rows.Next() {
+		var si eventstore.StreamInfo
+		var v int64
+		if err := rows.Scan(&si.StreamID, &si.Category, &v, &si.CreatedAt, &si.UpdatedAt); err != nil {
+			return nil, fmt.Errorf("pgstore: listing streams: %w", err)
+		}
+		si.Version = eventstore.Version(v)
+		out = append(out, si)
+	}
+	if err := rows.Err(); err != nil {
+		return nil, fmt.Errorf("pgstore: listing streams: %w", err)
+	}
+	return out, nil
+}
+
+// scanEvents reads rows of eventColumns and closes rows.
+func scanEvents(rows *sql.Rows, sizeHint int) ([]eventstore.Event, error) {
+	defer rows.Close()
+	out := make([]eventstore.Event, 0, min(sizeHint, 1024))
+	var xid string
+	var meta []byte
+	for rows.Next() {
+		var e eventstore.Event
+		var version int64
+		if err := rows.Scan(&e.Position.GlobalPosition, &xid, &e.StreamID, &version, &e.ID, &e.Type,
+			&e.ContentType, &e.Data, &meta, &e.RecordedAt); err != nil {
+			return nil, err
+		}
+		e.Version = eventstore.Version(version)
+		tx, err := strconv.ParseUint(xid, 10, 64)
+		if err != nil {
+			return nil, fmt.Errorf("parsing transaction id %q: %w", xid, err)
+		}
+		e.Position.TxID = tx
+		if len(meta) > 2 { // "{}" is the common case
+			if e.Metadata, err = eventstore.DecodeMetadata(meta); err != nil {
+				return nil, fmt.Errorf("decoding metadata of %s v%d: %w", e.StreamID, e.Version, err)
+			}
+		}
+		out = append(out, e)
+	}
+	return out, rows.Err()
+}

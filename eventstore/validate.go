@@ -1,0 +1,245 @@
+package eventstore
+
+import (
+	"encoding/json"
+	"fmt"
+	"regexp"
+	"unicode"
+	"unicode/utf8"
+
+	"github.com/google/uuid"
+)
+
+// Limits bound what one append may carry. They are checked before anything is
+// sent to the backend.
+type Limits struct {
+	MaxEventBytes    int // Data of one event; default 1 MiB
+	MaxBatchEvents   int // events in one append; default 1,000
+	MaxBatchBytes    int // Data plus metadata of one append; default 4 MiB
+	MaxMetadataBytes int // encoded metadata of one event; default 16 KiB
+}
+
+// DefaultLimits are the limits a zero Limits stands for.
+var DefaultLimits = Limits{
+	MaxEventBytes:    1 << 20,
+	MaxBatchEvents:   1000,
+	MaxBatchBytes:    4 << 20,
+	MaxMetadataBytes: 16 << 10,
+}
+
+// WithDefaults fills zero fields from DefaultLimits.
+func (l Limits) WithDefaults() Limits {
+	if l.MaxEventBytes <= 0 {
+		l.MaxEventBytes = DefaultLimits.MaxEventBytes
+	}
+	if l.MaxBatchEvents <= 0 {
+		l.MaxBatchEvents = DefaultLimits.MaxBatchEvents
+	}
+	if l.MaxBatchBytes <= 0 {
+		l.MaxBatchBytes = DefaultLimits.MaxBatchBytes
+	}
+	if l.MaxMetadataBytes <= 0 {
+		l.MaxMetadataBytes = DefaultLimits.MaxMetadataBytes
+	}
+	return l
+}
+
+// MaxStreamIDBytes is the longest stream id accepted.
+const MaxStreamIDBytes = 255
+
+func invalid(sentinel error, field, format string, args ...any) *ValidationError {
+	return &ValidationError{Field: field, Reason: fmt.Sprintf(format, args...), Err: sentinel}
+}
+
+// ValidateStreamID checks the stream-id rules: 1 to 255 bytes of valid,
+// printable UTF-8, not starting with '$' (reserved for stele).
+func ValidateStreamID(id string) error {
+	return validateName(ErrInvalidStreamID, "stream id", id, true)
+}
+
+func validateName(sentinel error, field, s string, reserveDollar bool) error {
+	switch {
+	case s == "":
+		return invalid(sentinel, field, "empty")
+	case len(s) > MaxStreamIDBytes:
+		return invalid(sentinel, field, "%d bytes, more than %d", len(s), MaxStreamIDBytes)
+	case !utf8.ValidString(s):
+		return invalid(sentinel, field, "not valid UTF-8")
+	case reserveDollar && s[0] == '$':
+		return invalid(sentinel, field, "%q starts with '$', which is reserved for stele", s)
+	}
+	for i, r := range s {
+		if !unicode.IsPrint(r) {
+			return invalid(sentinel, field, "unprintable character %U at byte %d", r, i)
+		}
+	}
+	return nil
+}
+
+var traceParentRE = regexp.MustCompile(`^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$`)
+
+// EncodeMetadata checks m and returns its stored JSON form. An empty Metadata
+// encodes as "{}".
+func EncodeMetadata(m Metadata, maxBytes int) ([]byte, error) {
+	for name, v := range map[string]string{"CorrelationID": m.CorrelationID, "CausationID": m.CausationID, "TraceState": m.TraceState} {
+		if !utf8.ValidString(v) || hasControl(v) {
+			return nil, invalid(ErrInvalidMetadata, "Metadata."+name, "not printable UTF-8")
+		}
+	}
+	if m.TraceParent != "" && !traceParentRE.MatchString(m.TraceParent) {
+		return nil, invalid(ErrInvalidMetadata, "Metadata.TraceParent", "%q is not a W3C traceparent", m.TraceParent)
+	}
+	for k, v := range m.Keys {
+		if k == "" || !utf8.ValidString(k) || hasControl(k) {
+			return nil, invalid(ErrInvalidMetadata, "Metadata.Keys", "key %q is empty or not printable UTF-8", k)
+		}
+		if !utf8.ValidString(v) || hasNUL(v) {
+			return nil, invalid(ErrInvalidMetadata, "Metadata.Keys", "value of %q is not valid UTF-8", k)
+		}
+	}
+	b, err := json.Marshal(m)
+	if err != nil {
+		return nil, invalid(ErrInvalidMetadata, "Metadata", "%v", err)
+	}
+	if len(b) > maxBytes {
+		return nil, invalid(ErrInvalidMetadata, "Metadata", "%d bytes encoded, more than %d", len(b), maxBytes)
+	}
+	return b, nil
+}
+
+// DecodeMetadata reads what EncodeMetadata wrote.
+func DecodeMetadata(b []byte) (Metadata, error) {
+	var m Metadata
+	if len(b) == 0 {
+		return m, nil
+	}
+	err := json.Unmarshal(b, &m)
+	return m, err
+}
+
+func hasControl(s string) bool {
+	for _, r := range s {
+		if unicode.IsControl(r) {
+			return true
+		}
+	}
+	return false
+}
+
+func hasNUL(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] == 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// PreparedEvent is an EventData that passed validation, with its id filled
+// and its metadata encoded: what a backend writes.
+type PreparedEvent struct {
+	EventData
+	MetadataJSON []byte
+}
+
+// PrepareAppend validates an append against the limits and returns the events
+// ready to write. It never changes the caller's slice. Every backend calls it
+// before touching storage, so bad input is refused the same way everywhere.
+func PrepareAppend(streamID string, expected ExpectedVersion, events []EventData, limits Limits) ([]PreparedEvent, error) {
+	if err := ValidateStreamID(streamID); err != nil {
+		return nil, err
+	}
+	if expected < StreamExists {
+		return nil, invalid(ErrInvalidExpectedVersion, "expected version", "%d is none of Any, NoStream, StreamExists or an exact version", int64(expected))
+	}
+	if len(events) == 0 {
+		return nil, &ValidationError{Field: "events", Reason: "empty", Err: ErrEmptyBatch}
+	}
+	limits = limits.WithDefaults()
+	if len(events) > limits.MaxBatchEvents {
+		return nil, invalid(ErrBatchTooLarge, "events", "%d events, more than %d", len(events), limits.MaxBatchEvents)
+	}
+	out := make([]PreparedEvent, len(events))
+	total := 0
+	seen := make(map[uuid.UUID]int, len(events))
+	for i, e := range events {
+		field := fmt.Sprintf("events[%d]", i)
+		if err := validateName(ErrInvalidEventType, field+".Type", e.Type, false); err != nil {
+			return nil, err
+		}
+		if len(e.Data) > limits.MaxEventBytes {
+			return nil, invalid(ErrEventTooLarge, field+".Data", "%d bytes, more than %d", len(e.Data), limits.MaxEventBytes)
+		}
+		if e.ContentType == "" {
+			e.ContentType = DefaultContentType
+		} else if err := validateName(ErrInvalidEvent, field+".ContentType", e.ContentType, false); err != nil {
+			return nil, err
+		}
+		if e.ID == uuid.Nil {
+			id, err := uuid.NewV7()
+			if err != nil {
+				return nil, fmt.Errorf("eventstore: generating event id: %w", err)
+			}
+			e.ID = id
+		}
+		if j, dup := seen[e.ID]; dup {
+			return nil, invalid(ErrInvalidEvent, field+".ID", "%s also given to events[%d]", e.ID, j)
+		}
+		seen[e.ID] = i
+		meta, err := EncodeMetadata(e.Metadata, limits.MaxMetadataBytes)
+		if err != nil {
+			var ve *ValidationError
+			if ok := asValidation(err, &ve); ok {
+				ve.Field = field + "." + ve.Field
+			}
+			return nil, err
+		}
+		total += len(e.Data) + len(meta)
+		out[i] = PreparedEvent{EventData: e, MetadataJSON: meta}
+	}
+	if total > limits.MaxBatchBytes {
+		return nil, invalid(ErrBatchTooLarge, "events", "%d bytes, more than %d", total, limits.MaxBatchBytes)
+	}
+	return out, nil
+}
+
+func asValidation(err error, target **ValidationError) bool {
+	ve, ok := err.(*ValidationError)
+	if ok {
+		*target = ve
+	}
+	return ok
+}
+
+// MatchStored decides an append whose event ids are (partly) stored already.
+// stored maps those ids to the stored events. When every event of the batch
+// is stored, in this stream, at consecutive versions, with the same content,
+// the append is an idempotent retry and MatchStored returns the first
+// append's result; anything else is an *IdempotencyError.
+func MatchStored(streamID string, prepared []PreparedEvent, stored map[uuid.UUID]Event) (AppendResult, error) {
+	var first, prev Event
+	for i, p := range prepared {
+		e, ok := stored[p.ID]
+		if !ok || e.StreamID != streamID || !SameContent(e, p) || (i > 0 && e.Version != prev.Version+1) {
+			return AppendResult{}, &IdempotencyError{StreamID: streamID, EventID: p.ID}
+		}
+		if i == 0 {
+			first = e
+		}
+		prev = e
+	}
+	return AppendResult{
+		StreamID:      streamID,
+		FirstVersion:  first.Version,
+		LastVersion:   prev.Version,
+		FirstPosition: first.Position,
+		LastPosition:  prev.Position,
+	}, nil
+}
+
+// SameContent reports whether a stored event holds what p would write; an
+// idempotent retry must match on all of it.
+func SameContent(stored Event, p PreparedEvent) bool {
+	return stored.ID == p.ID && stored.Type == p.Type && stored.ContentType == p.ContentType &&
+		string(stored.Data) == string(p.Data) && stored.Metadata.Equal(p.Metadata)
+}

@@ -1,0 +1,101 @@
+// Package testdb gives tests a real PostgreSQL database: a connection through
+// lib/pq or pgx's database/sql driver, and a schema of their own that is
+// dropped when the test ends.
+//
+// The server is STELE_TEST_DSN (default postgres://postgres@127.0.0.1:5432/test).
+// When it cannot be reached the test is skipped, unless STELE_REQUIRE_SERVICES
+// is set (CI sets it): then the test fails and says what is missing.
+package testdb
+
+import (
+	"context"
+	"crypto/rand"
+	"database/sql"
+	"encoding/hex"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	_ "github.com/jackc/pgx/v5/stdlib" // driver "pgx"
+	"github.com/jmoiron/sqlx"
+	_ "github.com/lib/pq" // driver "postgres"
+)
+
+// Drivers are the database/sql driver names every PostgreSQL test runs with.
+var Drivers = []string{"postgres", "pgx"}
+
+// DSN returns the server tests use.
+func DSN() string {
+	if dsn := os.Getenv("STELE_TEST_DSN"); dsn != "" {
+		return dsn
+	}
+	return "postgres://postgres@127.0.0.1:5432/test?sslmode=disable"
+}
+
+// Required reports whether a missing PostgreSQL fails tests instead of
+// skipping them.
+func Required() bool { return os.Getenv("STELE_REQUIRE_SERVICES") != "" }
+
+var (
+	pools   = map[string]*sqlx.DB{}
+	poolsMu sync.Mutex
+)
+
+// Open returns a shared connection pool for driver ("postgres" or "pgx"),
+// skipping or failing the test when the server is not reachable.
+func Open(t testing.TB, driver string) *sqlx.DB {
+	t.Helper()
+	poolsMu.Lock()
+	defer poolsMu.Unlock()
+	if db := pools[driver]; db != nil {
+		return db
+	}
+	db, err := sqlx.Open(driver, DSN())
+	if err == nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		err = db.PingContext(ctx)
+		cancel()
+	}
+	if err != nil {
+		msg := "PostgreSQL is not reachable at " + DSN() + " (" + err.Error() + "); start it with `make services`"
+		if Required() {
+			t.Fatal(msg)
+		}
+		t.Skip(msg)
+	}
+	db.SetMaxOpenConns(40)
+	db.SetMaxIdleConns(40)
+	pools[driver] = db
+	return db
+}
+
+// Schema returns a new, empty schema name for the test, dropped (with
+// everything in it) when the test ends.
+func Schema(t testing.TB, db *sqlx.DB) string {
+	t.Helper()
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	name := "t_" + strings.ToLower(hex.EncodeToString(b))
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		if _, err := db.ExecContext(ctx, `DROP SCHEMA IF EXISTS "`+name+`" CASCADE`); err != nil {
+			t.Errorf("dropping test schema %s: %v", name, err)
+		}
+	})
+	return name
+}
+
+// Exec runs statements, failing the test on error.
+func Exec(t testing.TB, db interface {
+	ExecContext(context.Context, string, ...any) (sql.Result, error)
+}, stmts ...string) {
+	t.Helper()
+	for _, s := range stmts {
+		if _, err := db.ExecContext(context.Background(), s); err != nil {
+			t.Fatalf("%s: %v", s, err)
+		}
+	}
+}
