@@ -3,6 +3,7 @@ package eventstore
 import (
 	"context"
 	"fmt"
+	"strconv"
 	"strings"
 	"time"
 
@@ -87,11 +88,19 @@ func (p Position) String() string { return fmt.Sprintf("%d/%d", p.TxID, p.Global
 
 // ParsePosition reads the form Position.String prints ("txid/position").
 func ParsePosition(s string) (Position, error) {
-	var p Position
-	if _, err := fmt.Sscanf(s, "%d/%d", &p.TxID, &p.GlobalPosition); err != nil {
+	tx, pos, ok := strings.Cut(s, "/")
+	if !ok {
 		return Position{}, fmt.Errorf("eventstore: parsing position %q: want TXID/POSITION", s)
 	}
-	return p, nil
+	txID, err := strconv.ParseUint(tx, 10, 64)
+	if err != nil {
+		return Position{}, fmt.Errorf("eventstore: parsing position %q: transaction id: %w", s, err)
+	}
+	gp, err := strconv.ParseInt(pos, 10, 64)
+	if err != nil || gp < 0 {
+		return Position{}, fmt.Errorf("eventstore: parsing position %q: want a global position >= 0", s)
+	}
+	return Position{TxID: txID, GlobalPosition: gp}, nil
 }
 
 // Metadata travels with every event: ids that tie events to the request and
@@ -234,6 +243,10 @@ type Store interface {
 	// event still being written, so a reader that checkpoints the last
 	// position it saw never skips one.
 	ReadAll(ctx context.Context, opts ReadAllOpts) ([]Event, error)
+	// Head returns the position of the last event readable in the feed now
+	// (Start when there is none): where a reader that wants only new events
+	// starts.
+	Head(ctx context.Context) (Position, error)
 	// ListStreams pages through the streams in id order.
 	ListStreams(ctx context.Context, opts ListStreamsOpts) ([]StreamInfo, error)
 	// WaitForAppend returns a channel closed at the next append this store

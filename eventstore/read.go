@@ -131,3 +131,25 @@ func LoadStream(ctx context.Context, s Store, streamID string) ([]Event, error) 
 	}
 	return out, nil
 }
+
+// WaitForPosition blocks until the feed shows position p (an append's
+// LastPosition, say), or ctx ends. The feed shows an event once every older
+// transaction on the server has ended, so a read right after an append may
+// not include it yet; use this when a test or a read-your-writes view needs it.
+func WaitForPosition(ctx context.Context, s Store, p Position) error {
+	for {
+		wake := s.WaitForAppend()
+		head, err := s.Head(ctx)
+		if err != nil {
+			return err
+		}
+		if !head.Less(p) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-wake:
+		}
+	}
+}

@@ -323,10 +323,22 @@ func testReadStreamPages(t *testing.T, b Backend) {
 }
 
 func testReadAll(t *testing.T, b Backend) {
+	ctx := context.Background()
 	s := b.NewStore(t)
+	if head, err := s.Head(ctx); err != nil || head != eventstore.Start {
+		t.Fatalf("Head of an empty log = %s, %v; want Start", head, err)
+	}
 	mustAppend(t, s, "order-1", eventstore.NoStream, Evs("placed", 2))
 	mustAppend(t, s, "user-1", eventstore.NoStream, Evs("registered", 1))
-	mustAppend(t, s, "order-2", eventstore.NoStream, Evs("placed", 3))
+	last := mustAppend(t, s, "order-2", eventstore.NoStream, Evs("placed", 3))
+	waitCtx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	if err := eventstore.WaitForPosition(waitCtx, s, last.LastPosition); err != nil {
+		t.Fatalf("WaitForPosition(%s): %v", last.LastPosition, err)
+	}
+	if head, err := s.Head(ctx); err != nil || head != last.LastPosition {
+		t.Fatalf("Head = %s, %v; want the last append's %s", head, err, last.LastPosition)
+	}
 	all := readAllN(t, s, eventstore.ReadAllOpts{Limit: 2}, 6)
 	for i := 1; i < len(all); i++ {
 		if !all[i-1].Position.Less(all[i].Position) {

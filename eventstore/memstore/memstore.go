@@ -404,6 +404,18 @@ func (s *Store) ReadAll(ctx context.Context, opts eventstore.ReadAllOpts) ([]eve
 	return out, nil
 }
 
+// Head returns the position of the last event the feed shows now.
+func (s *Store) Head(ctx context.Context) (eventstore.Position, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	h := s.horizon()
+	i := sort.Search(len(s.feed), func(i int) bool { return s.feed[i].Position.TxID >= h })
+	if i == 0 {
+		return eventstore.Start, nil
+	}
+	return s.feed[i-1].Position, nil
+}
+
 // ListStreams pages through committed streams in id order.
 func (s *Store) ListStreams(ctx context.Context, opts eventstore.ListStreamsOpts) ([]eventstore.StreamInfo, error) {
 	limit := pageLimit(opts.Limit)

@@ -91,7 +91,7 @@ func (s *Store) AppendTx(ctx context.Context, tx Tx, streamID string, expected e
 	r := &request{streamID: streamID, expected: expected, events: prepared}
 	p, err := s.stmt(ctx, stmtAppend)
 	if err != nil {
-		return eventstore.AppendResult{}, err
+		return eventstore.AppendResult{}, fmt.Errorf("pgstore: appending to %q: %w", streamID, err)
 	}
 	s.execGroup(ctx, tx.StmtContext(ctx, p), []*request{r})
 	if errors.Is(r.err, errCheckStored) {
@@ -107,7 +107,7 @@ func (s *Store) runGroup(ctx context.Context, group []*request) {
 	p, err := s.stmt(ctx, stmtAppend)
 	if err != nil {
 		for _, r := range group {
-			r.err = err
+			r.err = fmt.Errorf("pgstore: appending to %q: %w", r.streamID, err)
 		}
 		return
 	}
@@ -302,13 +302,14 @@ func newCommitter(s *Store) *committer {
 	return c
 }
 
-var errClosed = errors.New("pgstore: store is closed")
+// ErrClosed is returned by Append on a Store that was closed.
+var ErrClosed = errors.New("pgstore: store is closed")
 
 func (c *committer) submit(ctx context.Context, r *request) error {
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
-		return errClosed
+		return ErrClosed
 	}
 	c.queue = append(c.queue, r)
 	c.cond.Signal()

@@ -22,6 +22,9 @@ type Migration struct {
 	sql     string
 }
 
+// String is the migration's file name without extension: "0001_event_log".
+func (m Migration) String() string { return fmt.Sprintf("%04d_%s", m.Version, m.Name) }
+
 // Migrations lists the embedded migrations in the order they apply.
 func Migrations() []Migration {
 	entries, err := fs.Glob(migrationFiles, "migrations/*.sql")
@@ -119,4 +122,24 @@ func Migrate(ctx context.Context, db Execer, schema string) (MigrateResult, erro
 		return MigrateResult{}, fmt.Errorf("pgstore: committing migrations of %s: %w", schema, err)
 	}
 	return res, nil
+}
+
+// AppRoleGrants returns the statements that let role use the store in schema
+// and nothing more: append and read events, never UPDATE, DELETE or TRUNCATE
+// them. Run migrations as the schema owner and the application as role.
+func AppRoleGrants(schema, role string) ([]string, error) {
+	if err := ValidateSchema(schema); err != nil {
+		return nil, err
+	}
+	if !identRE.MatchString(role) {
+		return nil, fmt.Errorf("pgstore: role %q: want [a-z_][a-z0-9_]*", role)
+	}
+	s, r := quoteIdent(schema), quoteIdent(role)
+	return []string{
+		`GRANT USAGE ON SCHEMA ` + s + ` TO ` + r,
+		`GRANT SELECT, INSERT ON ` + s + `.events TO ` + r,
+		`GRANT SELECT, INSERT, UPDATE ON ` + s + `.streams TO ` + r,
+		`GRANT SELECT ON ` + s + `.schema_migrations TO ` + r,
+		`GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA ` + s + ` TO ` + r,
+	}, nil
 }

@@ -163,6 +163,7 @@ const (
 	stmtReadAllCategory = "readAllCategory"
 	stmtReadAllSince    = "readAllSince"
 	stmtReadAllCatSince = "readAllCategorySince"
+	stmtHead            = "head"
 	stmtListStreams     = "listStreams"
 	stmtListCategory    = "listStreamsCategory"
 )
@@ -182,7 +183,10 @@ func (st *statements) init(schema string) {
 			WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3`,
 		stmtReadBwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events
 			WHERE stream_id = $1 AND version <= $2 ORDER BY version DESC LIMIT $3`,
-		stmtVersion:         `SELECT version FROM ` + schema + `.streams WHERE stream_id = $1`,
+		stmtVersion: `SELECT version FROM ` + schema + `.streams WHERE stream_id = $1`,
+		stmtHead: `SELECT transaction_id::text, global_position FROM ` + schema + `.events
+			WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+			ORDER BY transaction_id DESC, global_position DESC LIMIT 1`,
 		stmtReadAll:         feed + order,
 		stmtReadAllCategory: feed + ` AND category = $4` + order,
 		stmtReadAllSince:    feed + ` AND recorded_at >= $4` + order,
@@ -206,7 +210,7 @@ func (s *Store) stmt(ctx context.Context, name string) (*sql.Stmt, error) {
 	}
 	p, err := s.db.PrepareContext(ctx, st.text[name])
 	if err != nil {
-		return nil, fmt.Errorf("pgstore: preparing %s statement in schema %s (is it migrated?): %w", name, s.cfg.Schema, err)
+		return nil, fmt.Errorf("preparing the %s statement in schema %s (is it migrated? run `stele migrate` or pgstore.Migrate): %w", name, s.cfg.Schema, err)
 	}
 	st.prepared[name] = p
 	return p, nil
@@ -288,7 +292,7 @@ func (s *Store) StreamVersion(ctx context.Context, streamID string) (eventstore.
 	}
 	p, err := s.stmt(ctx, stmtVersion)
 	if err != nil {
-		return 0, err
+		return 0, fmt.Errorf("pgstore: reading version of %q: %w", streamID, err)
 	}
 	var v int64
 	err = p.QueryRowContext(ctx, streamID).Scan(&v)
@@ -325,6 +329,27 @@ func (s *Store) ReadAll(ctx context.Context, opts eventstore.ReadAllOpts) ([]eve
 		return nil, fmt.Errorf("pgstore: reading the feed after %s: %w", opts.After, err)
 	}
 	return events, nil
+}
+
+// Head returns the position of the last event the feed shows now.
+func (s *Store) Head(ctx context.Context) (eventstore.Position, error) {
+	p, err := s.stmt(ctx, stmtHead)
+	if err != nil {
+		return eventstore.Position{}, fmt.Errorf("pgstore: reading the feed's head: %w", err)
+	}
+	var xid string
+	var pos eventstore.Position
+	err = p.QueryRowContext(ctx).Scan(&xid, &pos.GlobalPosition)
+	if errors.Is(err, sql.ErrNoRows) {
+		return eventstore.Start, nil
+	}
+	if err == nil {
+		pos.TxID, err = strconv.ParseUint(xid, 10, 64)
+	}
+	if err != nil {
+		return eventstore.Position{}, fmt.Errorf("pgstore: reading the feed's head: %w", err)
+	}
+	return pos, nil
 }
 
 // ListStreams pages through streams in id order.

@@ -5,7 +5,6 @@ import (
 	"testing"
 
 	"github.com/jmoiron/sqlx"
-	"go.uber.org/goleak"
 
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/eventstoretest"
@@ -14,7 +13,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	goleak.VerifyTestMain(m, goleak.IgnoreTopFunction("database/sql.(*DB).connectionOpener"))
+	testdb.VerifyMain(m)
 }
 
 // newStore migrates a schema of the test's own and returns a store on it.

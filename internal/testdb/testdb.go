@@ -12,6 +12,7 @@ import (
 	"crypto/rand"
 	"database/sql"
 	"encoding/hex"
+	"fmt"
 	"os"
 	"strings"
 	"sync"
@@ -21,6 +22,7 @@ import (
 	_ "github.com/jackc/pgx/v5/stdlib" // driver "pgx"
 	"github.com/jmoiron/sqlx"
 	_ "github.com/lib/pq" // driver "postgres"
+	"go.uber.org/goleak"
 )
 
 // Drivers are the database/sql driver names every PostgreSQL test runs with.
@@ -98,4 +100,23 @@ func Exec(t testing.TB, db interface {
 			t.Fatalf("%s: %v", s, err)
 		}
 	}
+}
+
+// VerifyMain runs the package's tests, closes the shared pools and then
+// fails the run if any goroutine leaked. Use it as TestMain's body.
+func VerifyMain(m *testing.M) {
+	code := m.Run()
+	poolsMu.Lock()
+	for name, db := range pools {
+		_ = db.Close()
+		delete(pools, name)
+	}
+	poolsMu.Unlock()
+	if code == 0 {
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
 }

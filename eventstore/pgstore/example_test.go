@@ -1,0 +1,52 @@
+package pgstore_test
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/stele-dev/stele/eventstore"
+	"github.com/stele-dev/stele/eventstore/pgstore"
+	"github.com/stele-dev/stele/internal/testdb"
+)
+
+// Open a database, migrate, and append events in the same transaction as a
+// business row: both commit, or neither does. This is also how a message is
+// sent reliably, because the log is the outbox.
+func ExampleStore_AppendTx() {
+	ctx := context.Background()
+	db := sqlx.MustOpen("postgres", testdb.DSN()) // lib/pq; "pgx" works the same
+	defer db.Close()
+	const schema = "example_appendtx"
+	db.MustExec(`DROP SCHEMA IF EXISTS ` + schema + ` CASCADE`)
+	defer db.MustExec(`DROP SCHEMA ` + schema + ` CASCADE`)
+
+	if _, err := pgstore.Migrate(ctx, db, schema); err != nil {
+		panic(err)
+	}
+	store, err := pgstore.New(db, &pgstore.Config{Schema: schema})
+	if err != nil {
+		panic(err)
+	}
+	defer store.Close()
+	db.MustExec(`CREATE TABLE ` + schema + `.orders (id text PRIMARY KEY, status text)`)
+
+	tx := db.MustBeginTx(ctx, nil)
+	tx.MustExec(`INSERT INTO `+schema+`.orders VALUES ($1, 'placed')`, "42")
+	res, err := store.AppendTx(ctx, tx, "order-42", eventstore.NoStream, []eventstore.EventData{
+		{Type: "order.placed", Data: []byte(`{"id":"42"}`)},
+	})
+	if err != nil {
+		tx.Rollback()
+		panic(err)
+	}
+	if err := tx.Commit(); err != nil {
+		panic(err)
+	}
+	store.Notify() // wake this process's subscribers now rather than at the next poll
+
+	events, _ := eventstore.LoadStream(ctx, store, "order-42")
+	fmt.Println("appended version", res.LastVersion, "->", events[0].Type, string(events[0].Data))
+	// Output: appended version 1 -> order.placed {"id":"42"}
+}

@@ -1,0 +1,63 @@
+package eventstore_test
+
+import (
+	"errors"
+	"testing"
+	"unicode/utf8"
+
+	"github.com/stele-dev/stele/eventstore"
+)
+
+func TestParsePosition(t *testing.T) {
+	for _, ok := range []eventstore.Position{{}, {TxID: 7, GlobalPosition: 9}, {TxID: 1<<64 - 1, GlobalPosition: 1<<63 - 1}} {
+		got, err := eventstore.ParsePosition(ok.String())
+		if err != nil || got != ok {
+			t.Errorf("ParsePosition(%q) = %v, %v", ok.String(), got, err)
+		}
+	}
+	for _, bad := range []string{"", "1", "1/", "/2", "1/2junk", "1/2/3", "1/-5", " 1/2", "-1/2", "x/y"} {
+		if _, err := eventstore.ParsePosition(bad); err == nil {
+			t.Errorf("ParsePosition(%q) accepted it", bad)
+		}
+	}
+}
+
+func TestCategory(t *testing.T) {
+	for id, want := range map[string]string{"order-42": "order", "order-42-x": "order", "order": "order", "-x": ""} {
+		if got := eventstore.Category(id); got != want {
+			t.Errorf("Category(%q) = %q, want %q", id, got, want)
+		}
+	}
+}
+
+// FuzzPrepareAppend: whatever the input, validation either refuses it with a
+// ValidationError or accepts a stream id and type that obey the rules, and
+// never panics.
+func FuzzPrepareAppend(f *testing.F) {
+	f.Add("order-1", "placed", []byte(`{}`), "corr", "k", "v", int64(-1))
+	f.Add("$all", "", []byte{0xff}, "\x00", "", "\xff", int64(-9))
+	f.Add("a\nb", "t", []byte(nil), "", "key", "", int64(3))
+	f.Fuzz(func(t *testing.T, stream, typ string, data []byte, corr, key, val string, exp int64) {
+		evs := []eventstore.EventData{{Type: typ, Data: data, Metadata: eventstore.Metadata{CorrelationID: corr, Keys: map[string]string{key: val}}}}
+		out, err := eventstore.PrepareAppend(stream, eventstore.ExpectedVersion(exp), evs, eventstore.Limits{})
+		if err != nil {
+			var ve *eventstore.ValidationError
+			if !errors.As(err, &ve) {
+				t.Fatalf("refusal is not a ValidationError: %v", err)
+			}
+			return
+		}
+		if !utf8.ValidString(stream) || stream == "" || len(stream) > eventstore.MaxStreamIDBytes || stream[0] == '$' {
+			t.Fatalf("accepted stream id %q", stream)
+		}
+		if exp < -3 {
+			t.Fatalf("accepted expected version %d", exp)
+		}
+		if len(out) != 1 || out[0].ID.Version() != 7 || out[0].ContentType == "" {
+			t.Fatalf("prepared %+v", out)
+		}
+		if _, err := eventstore.DecodeMetadata(out[0].MetadataJSON); err != nil {
+			t.Fatalf("encoded metadata does not decode: %v", err)
+		}
+	})
+}
