@@ -59,6 +59,7 @@ func newRootCmd() *cobra.Command {
 	root.AddCommand(
 		newMigrateCmd(g),
 		newStreamsCmd(g),
+		newBenchCmd(g),
 	)
 	return root
 }

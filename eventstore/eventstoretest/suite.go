@@ -41,6 +41,7 @@ func Run(t *testing.T, b Backend) {
 		{"ExpectedVersions", testExpectedVersions},
 		{"AtomicBatch", testAtomicBatch},
 		{"ConcurrentRacers", testConcurrentRacers},
+		{"ConcurrentAnyAppendsToOneStream", testConcurrentAnyAppends},
 		{"IdempotentRetry", testIdempotentRetry},
 		{"BadInputWritesNothing", testBadInput},
 		{"ReadStreamPages", testReadStreamPages},

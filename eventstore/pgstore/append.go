@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"time"
 
 	"github.com/google/uuid"
 	"github.com/lib/pq"
@@ -57,6 +58,7 @@ func (s *Store) Append(ctx context.Context, streamID string, expected eventstore
 		}
 	} else {
 		for {
+			r.err = nil
 			s.runGroup(ctx, []*request{r})
 			if r.err == nil || !eventstore.IsRetryable(r.err) || r.attempts > s.cfg.MaxAppendRetries || ctx.Err() != nil {
 				break
@@ -93,7 +95,9 @@ func (s *Store) AppendTx(ctx context.Context, tx Tx, streamID string, expected e
 	if err != nil {
 		return eventstore.AppendResult{}, fmt.Errorf("pgstore: appending to %q: %w", streamID, err)
 	}
-	s.execGroup(ctx, tx.StmtContext(ctx, p), []*request{r})
+	if err := s.execGroup(ctx, tx.StmtContext(ctx, p), []*request{r}, true); err != nil {
+		return eventstore.AppendResult{}, translate(streamID, err)
+	}
 	if errors.Is(r.err, errCheckStored) {
 		return s.checkStored(ctx, tx, r)
 	}
@@ -101,9 +105,12 @@ func (s *Store) AppendTx(ctx context.Context, tx Tx, streamID string, expected e
 }
 
 // runGroup appends a group in one autocommit statement: one round trip, one
-// commit. A statement that fails as a whole is retried request by request, so
-// each error reaches the append that caused it.
+// commit. The fast path leaves duplicate event ids to the unique index; a
+// statement that fails as a whole (that index, a deadlock with some other
+// transaction) is run again request by request with the id check on, so each
+// error reaches the append that caused it.
 func (s *Store) runGroup(ctx context.Context, group []*request) {
+	defer s.wake.Notify()
 	p, err := s.stmt(ctx, stmtAppend)
 	if err != nil {
 		for _, r := range group {
@@ -111,44 +118,40 @@ func (s *Store) runGroup(ctx context.Context, group []*request) {
 		}
 		return
 	}
-	s.execGroup(ctx, p, group)
-	if len(group) > 1 {
-		for _, r := range group {
-			if r.alone {
-				r.err = nil
-				s.execGroup(ctx, p, []*request{r})
-			}
+	if err := s.execGroup(ctx, p, group, false); err == nil {
+		return
+	}
+	for _, r := range group {
+		if err := s.execGroup(ctx, p, []*request{r}, true); err != nil {
+			r.err = translate(r.streamID, err)
 		}
 	}
-	s.wake.Notify()
 }
 
-// execGroup runs append_events for group and sets each request's outcome.
-func (s *Store) execGroup(ctx context.Context, stmt *sql.Stmt, group []*request) {
+// sortByStream orders a group by stream id, so that every group locks its
+// streams in the same order and groups cannot deadlock each other.
+func sortByStream(group []*request) []*request {
+	if len(group) < 2 {
+		return group
+	}
+	sorted := slices.Clone(group)
+	// Stable: a stream's requests keep their arrival order.
+	slices.SortStableFunc(sorted, func(a, b *request) int { return strings.Compare(a.streamID, b.streamID) })
+	return sorted
+}
+
+// execGroup runs append_events for group and sets each request's outcome. It
+// returns the statement's error, if the statement failed as a whole.
+func (s *Store) execGroup(ctx context.Context, stmt *sql.Stmt, group []*request, checkIDs bool) error {
 	for _, r := range group {
 		r.attempts++
 	}
-	// Lock streams in one order in every group, so groups cannot deadlock.
-	sorted := group
-	if len(group) > 1 {
-		sorted = slices.Clone(group)
-		slices.SortStableFunc(sorted, func(a, b *request) int { return strings.Compare(a.streamID, b.streamID) })
+	sorted := sortByStream(group)
+	rows, err := stmt.QueryContext(ctx, buildArgs(sorted, checkIDs)...)
+	if err != nil {
+		return err
 	}
-	args := buildArgs(sorted)
-	rows, err := stmt.QueryContext(ctx, args...)
-	if err == nil {
-		err = s.readOutcomes(rows, sorted)
-	}
-	if err == nil {
-		return
-	}
-	if len(group) > 1 {
-		for _, r := range group {
-			r.alone = true
-		}
-		return
-	}
-	group[0].err = translate(group[0].streamID, err)
+	return s.readOutcomes(rows, sorted)
 }
 
 func (s *Store) readOutcomes(rows *sql.Rows, sorted []*request) error {
@@ -199,7 +202,7 @@ func (s *Store) readOutcomes(rows *sql.Rows, sorted []*request) error {
 	return nil
 }
 
-func buildArgs(group []*request) []any {
+func buildArgs(group []*request, checkIDs bool) []any {
 	n := 0
 	for _, r := range group {
 		n += len(r.events)
@@ -207,6 +210,9 @@ func buildArgs(group []*request) []any {
 	streams := make([]string, len(group))
 	expected := make([]int64, len(group))
 	counts := make([]int64, len(group))
+	layers := make([]int64, len(group))
+	evReq := make([]int64, 0, n)
+	evOrd := make([]int64, 0, n)
 	ids := make([]string, 0, n)
 	types := make([]string, 0, n)
 	ctypes := make([]string, 0, n)
@@ -214,9 +220,15 @@ func buildArgs(group []*request) []any {
 	meta := make([]string, 0, n)
 	for i, r := range group {
 		streams[i] = r.streamID
+		layers[i] = 1
+		if i > 0 && group[i-1].streamID == r.streamID { // sorted: a stream's requests are adjacent
+			layers[i] = layers[i-1] + 1
+		}
 		expected[i] = int64(r.expected)
 		counts[i] = int64(len(r.events))
-		for _, e := range r.events {
+		for j, e := range r.events {
+			evReq = append(evReq, int64(i+1))
+			evOrd = append(evOrd, int64(j+1))
 			ids = append(ids, e.ID.String())
 			types = append(types, e.Type)
 			ctypes = append(ctypes, e.ContentType)
@@ -228,8 +240,10 @@ func buildArgs(group []*request) []any {
 			meta = append(meta, string(e.MetadataJSON))
 		}
 	}
-	return []any{pq.StringArray(streams), pq.Int64Array(expected), pq.Int64Array(counts),
-		pq.StringArray(ids), pq.StringArray(types), pq.StringArray(ctypes), pq.ByteaArray(data), pq.StringArray(meta)}
+	return []any{pq.StringArray(streams), pq.Int64Array(expected), pq.Int64Array(counts), pq.Int64Array(layers),
+		pq.Int64Array(evReq), pq.Int64Array(evOrd),
+		pq.StringArray(ids), pq.StringArray(types), pq.StringArray(ctypes), pq.ByteaArray(data), pq.StringArray(meta),
+		checkIDs}
 }
 
 // checkStored settles an append whose ids are already stored: the same batch
@@ -284,6 +298,7 @@ func translate(streamID string, err error) error {
 type committer struct {
 	s         *Store
 	maxEvents int
+	linger    time.Duration
 
 	mu     sync.Mutex
 	cond   *sync.Cond
@@ -293,7 +308,7 @@ type committer struct {
 }
 
 func newCommitter(s *Store) *committer {
-	c := &committer{s: s, maxEvents: s.cfg.GroupCommitMaxEvents}
+	c := &committer{s: s, maxEvents: s.cfg.GroupCommitMaxEvents, linger: s.cfg.GroupCommitLinger}
 	c.cond = sync.NewCond(&c.mu)
 	for range s.cfg.GroupCommitFlushers {
 		c.wg.Add(1)
@@ -312,7 +327,7 @@ func (c *committer) submit(ctx context.Context, r *request) error {
 		return ErrClosed
 	}
 	c.queue = append(c.queue, r)
-	c.cond.Signal()
+	c.cond.Broadcast()
 	c.mu.Unlock()
 	select {
 	case <-r.done:
@@ -326,6 +341,8 @@ func (c *committer) submit(ctx context.Context, r *request) error {
 
 func (c *committer) run() {
 	defer c.wg.Done()
+	var answered time.Time // when this flusher last returned results
+	expect := 0            // callers active then: the group just answered plus those queued behind it
 	for {
 		c.mu.Lock()
 		for len(c.queue) == 0 && !c.closed {
@@ -334,6 +351,24 @@ func (c *committer) run() {
 		if len(c.queue) == 0 {
 			c.mu.Unlock()
 			return
+		}
+		// The callers just answered usually append again within microseconds.
+		// Give them up to Linger to join, so the writers settle into one
+		// group per commit rather than two half groups taking turns.
+		if deadline := answered.Add(c.linger); len(c.queue) < expect && time.Now().Before(deadline) {
+			t := time.AfterFunc(time.Until(deadline), func() {
+				c.mu.Lock()
+				c.cond.Broadcast()
+				c.mu.Unlock()
+			})
+			for len(c.queue) < expect && !c.closed && time.Now().Before(deadline) {
+				c.cond.Wait()
+			}
+			t.Stop()
+			if len(c.queue) == 0 { // another flusher took them
+				c.mu.Unlock()
+				continue
+			}
 		}
 		group := c.take()
 		c.mu.Unlock()
@@ -349,12 +384,14 @@ func (c *committer) run() {
 			}
 			close(r.done)
 		}
+		c.mu.Lock()
+		c.queue = append(retry, c.queue...)
+		expect = len(group) + len(c.queue)
+		answered = time.Now()
 		if len(retry) > 0 {
-			c.mu.Lock()
-			c.queue = append(retry, c.queue...)
-			c.cond.Signal()
-			c.mu.Unlock()
+			c.cond.Broadcast()
 		}
+		c.mu.Unlock()
 	}
 }
 

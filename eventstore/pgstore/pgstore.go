@@ -36,8 +36,15 @@ type Config struct {
 	// the next one (each keeps its own checks and outcome).
 	DisableGroupCommit bool
 	// GroupCommitFlushers is how many group commits may be in flight at once.
-	// Defaults to 2.
+	// Defaults to 1: with GroupCommitLinger, one flusher keeps concurrent
+	// writers in one group per commit (see docs/performance.md).
 	GroupCommitFlushers int
+	// GroupCommitLinger is how long a flusher that has just answered a group
+	// waits for those callers to append again before it sends what is
+	// queued. It applies only right after a commit, to callers known to be
+	// active; an append that finds the committer idle is sent at once.
+	// Defaults to 200µs; negative turns it off.
+	GroupCommitLinger time.Duration
 	// GroupCommitMaxEvents caps the events of one group commit. Defaults to 4,000.
 	GroupCommitMaxEvents int
 	// PollInterval is how often an idle subscriber looks for events written by
@@ -60,7 +67,10 @@ func (c *Config) withDefaults() (Config, error) {
 		out.Schema = "stele"
 	}
 	if out.GroupCommitFlushers == 0 {
-		out.GroupCommitFlushers = 2
+		out.GroupCommitFlushers = 1
+	}
+	if out.GroupCommitLinger == 0 {
+		out.GroupCommitLinger = 200 * time.Microsecond
 	}
 	if out.GroupCommitMaxEvents == 0 {
 		out.GroupCommitMaxEvents = 4000
@@ -177,7 +187,7 @@ func (st *statements) init(schema string) {
 	order := ` ORDER BY transaction_id, global_position LIMIT $3`
 	st.text = map[string]string{
 		stmtAppend: `SELECT o_req, o_status, o_actual, o_first_pos, o_last_pos, o_xid FROM ` + schema +
-			`.append_events($1::text[], $2::bigint[], $3::int[], $4::uuid[], $5::text[], $6::text[], $7::bytea[], $8::jsonb[])`,
+			`.append_events($1::text[], $2::bigint[], $3::int[], $4::int[], $5::int[], $6::int[], $7::uuid[], $8::text[], $9::text[], $10::bytea[], $11::jsonb[], $12::boolean)`,
 		stmtStoredByID: `SELECT ` + eventColumns + ` FROM ` + schema + `.events WHERE event_id = ANY ($1::uuid[])`,
 		stmtReadFwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events
 			WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3`,

@@ -123,8 +123,8 @@ func TestHistoryIsImmutable(t *testing.T) {
 		testdb.Exec(t, conn, `SET ROLE `+role)
 		defer conn.ExecContext(ctx, `RESET ROLE`)
 		// The app role appends and reads through the function and tables.
-		if _, err := conn.ExecContext(ctx, `SELECT * FROM "`+s.Schema()+`".append_events(ARRAY['order-1'], ARRAY[2::bigint], ARRAY[1],
-			ARRAY[gen_random_uuid()], ARRAY['paid'], ARRAY['application/json'], ARRAY['\x7b7d'::bytea], ARRAY['{}'::jsonb])`); err != nil {
+		if _, err := conn.ExecContext(ctx, `SELECT * FROM "`+s.Schema()+`".append_events(ARRAY['order-1'], ARRAY[2::bigint], ARRAY[1], ARRAY[1], ARRAY[1], ARRAY[1],
+			ARRAY[gen_random_uuid()], ARRAY['paid'], ARRAY['application/json'], ARRAY['\x7b7d'::bytea], ARRAY['{}'::jsonb], true)`); err != nil {
 			t.Fatalf("app role cannot append: %v", err)
 		}
 		var n int

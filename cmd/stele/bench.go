@@ -1,0 +1,132 @@
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"runtime/pprof"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/stele-dev/stele/eventstore"
+	"github.com/stele-dev/stele/eventstore/memstore"
+	"github.com/stele-dev/stele/eventstore/pgstore"
+	"github.com/stele-dev/stele/internal/bench"
+)
+
+func newBenchCmd(g *globalOpts) *cobra.Command {
+	var workload, storeKind string
+	var scale float64
+	var asJSON, groupCommit bool
+	var flushers int
+	var linger time.Duration
+	var cpuProfile string
+	cmd := &cobra.Command{
+		Use:   "bench",
+		Short: "Run the standard workloads (W1–W4) and report throughput and latency",
+		Long: `Run the standard workloads of BENCHMARK.md. Each workload runs on a fresh schema
+(created and dropped here) or a fresh in-memory store. With --json, one JSON object per
+workload is printed on a line of its own.`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx := cmd.Context()
+			names := []string{strings.ToUpper(workload)}
+			if strings.EqualFold(workload, "all") {
+				names = bench.Workloads
+			}
+			if scale <= 0 {
+				return fmt.Errorf("--scale %g: must be positive", scale)
+			}
+			if cpuProfile != "" {
+				f, err := os.Create(cpuProfile)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return err
+				}
+				defer pprof.StopCPUProfile()
+			}
+			w := cmd.OutOrStdout()
+			var results []bench.Result
+			for _, name := range names {
+				var res bench.Result
+				var err error
+				switch storeKind {
+				case "memory":
+					res, err = bench.Run(ctx, memstore.New(nil), name, scale)
+					res.Store = "memory"
+				case "postgres":
+					res, err = benchPostgres(ctx, g, name, scale, &pgstore.Config{DisableGroupCommit: !groupCommit, GroupCommitFlushers: flushers, GroupCommitLinger: linger})
+					res.Store, res.GroupCommit = "postgres/"+g.driver, groupCommit
+				default:
+					return fmt.Errorf("--store %q: want memory or postgres", storeKind)
+				}
+				if err != nil {
+					return fmt.Errorf("%s: %w", name, err)
+				}
+				if asJSON {
+					b, _ := json.Marshal(res)
+					fmt.Fprintln(w, string(b))
+				}
+				results = append(results, res)
+			}
+			if !asJSON {
+				printTable(w, results)
+			}
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&workload, "workload", "all", "W1, W2, W3, W4 or all")
+	f.StringVar(&storeKind, "store", "postgres", "memory or postgres")
+	f.Float64Var(&scale, "scale", 1, "multiply every workload's event count (0.1 for a smoke run; never quote those)")
+	f.BoolVar(&asJSON, "json", false, "print one JSON object per workload")
+	f.BoolVar(&groupCommit, "group-commit", true, "fold concurrent appends into shared commits (pgstore's default)")
+	f.IntVar(&flushers, "group-commit-flushers", 0, "group commits in flight at once (0: pgstore's default)")
+	f.DurationVar(&linger, "group-commit-linger", 0, "how long a flusher waits for the callers it just answered (0: pgstore's default; negative: off)")
+	f.StringVar(&cpuProfile, "cpuprofile", "", "write a Go CPU profile of the client to this file")
+	return cmd
+}
+
+// benchPostgres runs one workload on a schema of its own, dropped afterwards.
+func benchPostgres(ctx context.Context, g *globalOpts, name string, scale float64, cfg *pgstore.Config) (bench.Result, error) {
+	db, err := g.openDB(ctx)
+	if err != nil {
+		return bench.Result{}, err
+	}
+	defer db.Close()
+	db.SetMaxOpenConns(32)
+	db.SetMaxIdleConns(32)
+	b := make([]byte, 4)
+	_, _ = rand.Read(b)
+	cfg.Schema = "stele_bench_" + hex.EncodeToString(b)
+	defer db.ExecContext(context.WithoutCancel(ctx), `DROP SCHEMA IF EXISTS "`+cfg.Schema+`" CASCADE`)
+	if _, err := pgstore.Migrate(ctx, db, cfg.Schema); err != nil {
+		return bench.Result{}, err
+	}
+	store, err := pgstore.New(db, cfg)
+	if err != nil {
+		return bench.Result{}, err
+	}
+	defer store.Close()
+	var s eventstore.Store = store
+	return bench.Run(ctx, s, name, scale)
+}
+
+func printTable(w io.Writer, results []bench.Result) {
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "workload\tstore\tevents\tseconds\tevents/s\tp50 ms\tp99 ms\tpeak RSS MB\t")
+	for _, r := range results {
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%.2f\t%.0f\t%.2f\t%.2f\t%.0f\t\n", r.Workload, r.Store, r.Events, r.Seconds, r.EventsPerSec, r.P50ms, r.P99ms, r.PeakRSSMB)
+	}
+	tw.Flush()
+}

@@ -1,0 +1,208 @@
+// Package bench runs the standard workloads W1–W4 of ../shared/BENCHMARK.md
+// against any eventstore.Store. `stele bench` is its command line.
+package bench
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/stele-dev/stele/eventstore"
+)
+
+// Payload is the 200-byte JSON document every workload appends, the same
+// as the raw-limit reference (bench/sql/raw-w1.sql).
+var Payload = []byte(`{"orderId":"ord-0000000001","customerId":"cust-000001","amount":37,"currency":"EUR","sku":"SKU-1","qty":2,"status":"placed","note":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}`)
+
+// Meta is the ~60 bytes of metadata every event carries.
+var Meta = eventstore.Metadata{CorrelationID: "0123456789abcdef0123456789abcdef", Keys: map[string]string{"source": "bench"}}
+
+// Result is one workload's figures; it marshals to the JSON line of the
+// output contract.
+type Result struct {
+	Workload     string  `json:"workload"`
+	Store        string  `json:"store"`
+	GroupCommit  bool    `json:"group_commit"`
+	Events       int     `json:"events"`
+	Seconds      float64 `json:"seconds"`
+	EventsPerSec float64 `json:"events_per_sec"`
+	P50ms        float64 `json:"p50_ms"`
+	P99ms        float64 `json:"p99_ms"`
+	PeakRSSMB    float64 `json:"peak_rss_mb"`
+}
+
+// Workloads lists the workloads in the order `--workload all` runs them.
+var Workloads = []string{"W1", "W2", "W3", "W4"}
+
+// Run runs one workload on store, which must be empty. scale shrinks or
+// grows the event counts (0.1 for a smoke run).
+func Run(ctx context.Context, store eventstore.Store, workload string, scale float64) (Result, error) {
+	n := func(x int) int { return max(1, int(float64(x)*scale)) }
+	switch strings.ToUpper(workload) {
+	case "W1":
+		return writers(ctx, store, "W1", "order", 8, 1, n(80_000))
+	case "W2":
+		return writers(ctx, store, "W2", "batch", 8, 10, n(100_000))
+	case "W3":
+		return readAll(ctx, store, n(180_000))
+	case "W4":
+		return loadStream(ctx, store, 1000, 20)
+	}
+	return Result{}, fmt.Errorf("bench: unknown workload %q (want W1, W2, W3 or W4)", workload)
+}
+
+func events(k int) []eventstore.EventData {
+	out := make([]eventstore.EventData, k)
+	for i := range out {
+		out[i] = eventstore.EventData{Type: "OrderPlaced", Data: Payload, Metadata: Meta}
+	}
+	return out
+}
+
+// writers: 8 writers; writer i appends to streams i, i+8, i+16, ... of 1,000
+// in turn, perEvent events per append with an exact expected version, until
+// total events are written. No two writers share a stream.
+func writers(ctx context.Context, store eventstore.Store, name, prefix string, nWriters, perAppend, total int) (Result, error) {
+	const streams = 1000
+	appendsPerWriter := max(1, total/perAppend/nWriters)
+	lat := make([][]time.Duration, nWriters)
+	errs := make([]error, nWriters)
+	var wg sync.WaitGroup
+	start := time.Now()
+	for w := range nWriters {
+		wg.Go(func() {
+			mine := streams / nWriters
+			versions := make([]eventstore.Version, mine)
+			lat[w] = make([]time.Duration, 0, appendsPerWriter)
+			for i := range appendsPerWriter {
+				k := i % mine
+				id := prefix + "-" + strconv.Itoa(w+nWriters*k)
+				t0 := time.Now()
+				res, err := store.Append(ctx, id, eventstore.Exact(versions[k]), events(perAppend))
+				if err != nil {
+					errs[w] = fmt.Errorf("writer %d: %w", w, err)
+					return
+				}
+				lat[w] = append(lat[w], time.Since(t0))
+				versions[k] = res.LastVersion
+			}
+		})
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	for _, err := range errs {
+		if err != nil {
+			return Result{}, err
+		}
+	}
+	all := slices.Concat(lat...)
+	slices.Sort(all)
+	written := appendsPerWriter * nWriters * perAppend
+	return Result{
+		Workload: name, Events: written, Seconds: elapsed.Seconds(),
+		EventsPerSec: float64(written) / elapsed.Seconds(),
+		P50ms:        ms(percentile(all, 0.50)), P99ms: ms(percentile(all, 0.99)),
+		PeakRSSMB: peakRSSMB(),
+	}, nil
+}
+
+// Seed appends total events in batches of 100 over 1,000 streams with 8
+// writers, as fast as the store takes them; it is set-up, not measured.
+func Seed(ctx context.Context, store eventstore.Store, prefix string, total int) error {
+	_, err := writers(ctx, store, "seed", prefix, 8, min(100, total), total)
+	return err
+}
+
+// readAll reads the whole log from the start in global order, after seeding
+// it with at least total events.
+func readAll(ctx context.Context, store eventstore.Store, total int) (Result, error) {
+	if err := Seed(ctx, store, "seed", total); err != nil {
+		return Result{}, err
+	}
+	head, err := store.Head(ctx)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := eventstore.WaitForPosition(ctx, store, head); err != nil {
+		return Result{}, err
+	}
+	start := time.Now()
+	read := 0
+	for _, err := range eventstore.IterAll(ctx, store, eventstore.ReadAllOpts{Limit: 1000}) {
+		if err != nil {
+			return Result{}, err
+		}
+		read++
+	}
+	elapsed := time.Since(start)
+	if read < total {
+		return Result{}, fmt.Errorf("bench: W3 read %d events, seeded %d", read, total)
+	}
+	return Result{Workload: "W3", Events: read, Seconds: elapsed.Seconds(),
+		EventsPerSec: float64(read) / elapsed.Seconds(), PeakRSSMB: peakRSSMB()}, nil
+}
+
+// loadStream loads one stream of size events, runs times, and reports the
+// median (p50) and the slowest load (p99).
+func loadStream(ctx context.Context, store eventstore.Store, size, runs int) (Result, error) {
+	for v := 0; v < size; v += 100 {
+		if _, err := store.Append(ctx, "load-1", eventstore.Exact(eventstore.Version(v)), events(min(100, size-v))); err != nil {
+			return Result{}, err
+		}
+	}
+	load := func() ([]eventstore.Event, error) { return eventstore.LoadStream(ctx, store, "load-1") }
+	if l, ok := store.(interface {
+		LoadStream(context.Context, string) ([]eventstore.Event, error)
+	}); ok {
+		load = func() ([]eventstore.Event, error) { return l.LoadStream(ctx, "load-1") }
+	}
+	lat := make([]time.Duration, 0, runs)
+	start := time.Now()
+	for range runs {
+		t0 := time.Now()
+		evs, err := load()
+		if err != nil {
+			return Result{}, err
+		}
+		if len(evs) != size {
+			return Result{}, fmt.Errorf("bench: W4 loaded %d events, want %d", len(evs), size)
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	elapsed := time.Since(start)
+	slices.Sort(lat)
+	return Result{Workload: "W4", Events: size * runs, Seconds: elapsed.Seconds(),
+		EventsPerSec: float64(size*runs) / elapsed.Seconds(),
+		P50ms:        ms(percentile(lat, 0.5)), P99ms: ms(lat[len(lat)-1]), PeakRSSMB: peakRSSMB()}, nil
+}
+
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(float64(len(sorted))*p+0.5) - 1
+	return sorted[min(max(i, 0), len(sorted)-1)]
+}
+
+func ms(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 }
+
+// peakRSSMB is the process's peak resident set (VmHWM), or 0 where
+// /proc is missing.
+func peakRSSMB() float64 {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			kb, _ := strconv.Atoi(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")))
+			return float64(kb) / 1024
+		}
+	}
+	return 0
+}
