@@ -178,29 +178,40 @@ const (
 	stmtListCategory    = "listStreamsCategory"
 )
 
-const eventColumns = `global_position, transaction_id::text, stream_id, version, event_id, event_type, content_type, data, metadata, recorded_at`
+// eventColumns are read from the events table aliased e. The transaction id
+// is read as text under another name: an output column named transaction_id
+// would capture ORDER BY transaction_id and sort the feed as text.
+const eventColumns = `e.global_position, e.transaction_id::text AS xid, e.stream_id, e.version, e.event_id, e.event_type, e.content_type, e.data, e.metadata, e.recorded_at`
 
 func (st *statements) init(schema string) {
-	feed := `SELECT ` + eventColumns + ` FROM ` + schema + `.events
-		WHERE (transaction_id, global_position) > ($1::text::xid8, $2::bigint)
-		  AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())`
-	order := ` ORDER BY transaction_id, global_position LIMIT $3`
+	feed := `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
+		WHERE (e.transaction_id, e.global_position) > ($1::text::xid8, $2::bigint)
+		  AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())`
+	order := ` ORDER BY e.transaction_id, e.global_position LIMIT $3`
+	// The category feed states its cursor over (category, transaction_id,
+	// global_position), which only the category index can seek to, so a
+	// generic plan cannot settle for filtering the whole feed instead.
+	catFeed := `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
+		WHERE (e.category, e.transaction_id, e.global_position) > ($4, $1::text::xid8, $2::bigint)
+		  AND e.category = $4
+		  AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())`
+	catOrder := ` ORDER BY e.category, e.transaction_id, e.global_position LIMIT $3`
 	st.text = map[string]string{
 		stmtAppend: `SELECT o_req, o_status, o_actual, o_first_pos, o_last_pos, o_xid FROM ` + schema +
 			`.append_events($1::text[], $2::bigint[], $3::int[], $4::int[], $5::int[], $6::int[], $7::uuid[], $8::text[], $9::text[], $10::bytea[], $11::jsonb[], $12::boolean)`,
-		stmtStoredByID: `SELECT ` + eventColumns + ` FROM ` + schema + `.events WHERE event_id = ANY ($1::uuid[])`,
-		stmtReadFwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events
-			WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3`,
-		stmtReadBwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events
-			WHERE stream_id = $1 AND version <= $2 ORDER BY version DESC LIMIT $3`,
+		stmtStoredByID: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e WHERE e.event_id = ANY ($1::uuid[])`,
+		stmtReadFwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
+			WHERE e.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3`,
+		stmtReadBwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
+			WHERE e.stream_id = $1 AND e.version <= $2 ORDER BY e.version DESC LIMIT $3`,
 		stmtVersion: `SELECT version FROM ` + schema + `.streams WHERE stream_id = $1`,
-		stmtHead: `SELECT transaction_id::text, global_position FROM ` + schema + `.events
-			WHERE transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-			ORDER BY transaction_id DESC, global_position DESC LIMIT 1`,
+		stmtHead: `SELECT e.transaction_id::text AS xid, e.global_position FROM ` + schema + `.events e
+			WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+			ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1`,
 		stmtReadAll:         feed + order,
-		stmtReadAllCategory: feed + ` AND category = $4` + order,
-		stmtReadAllSince:    feed + ` AND recorded_at >= $4` + order,
-		stmtReadAllCatSince: feed + ` AND category = $4 AND recorded_at >= $5` + order,
+		stmtReadAllCategory: catFeed + catOrder,
+		stmtReadAllSince:    feed + ` AND e.recorded_at >= $4` + order,
+		stmtReadAllCatSince: catFeed + ` AND e.recorded_at >= $5` + catOrder,
 		stmtListStreams: `SELECT stream_id, category, version, created_at, updated_at FROM ` + schema + `.streams
 			WHERE stream_id > $1 AND version > 0 ORDER BY stream_id LIMIT $2`,
 		stmtListCategory: `SELECT stream_id, category, version, created_at, updated_at FROM ` + schema + `.streams
