@@ -4,6 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"regexp"
+	"strconv"
+	"slices"
 	"unicode"
 	"unicode/utf8"
 
@@ -58,6 +60,9 @@ func ValidateStreamID(id string) error {
 }
 
 func validateName(sentinel error, field, s string, reserveDollar bool) error {
+	if isPlainASCII(s) && s != "" && len(s) <= MaxStreamIDBytes && !(reserveDollar && s[0] == '$') {
+		return nil // the common case, without decoding runes
+	}
 	switch {
 	case s == "":
 		return invalid(sentinel, field, "empty")
@@ -97,14 +102,83 @@ func EncodeMetadata(m Metadata, maxBytes int) ([]byte, error) {
 			return nil, invalid(ErrInvalidMetadata, "Metadata.Keys", "value of %q is not valid UTF-8", k)
 		}
 	}
-	b, err := json.Marshal(m)
-	if err != nil {
-		return nil, invalid(ErrInvalidMetadata, "Metadata", "%v", err)
-	}
+	b := appendMetadataJSON(make([]byte, 0, 64), m)
 	if len(b) > maxBytes {
 		return nil, invalid(ErrInvalidMetadata, "Metadata", "%d bytes encoded, more than %d", len(b), maxBytes)
 	}
 	return b, nil
+}
+
+// appendMetadataJSON writes m as the JSON object json.Marshal would write
+// (keys sorted, empty fields left out) without reflection: it runs on every
+// appended event.
+func appendMetadataJSON(b []byte, m Metadata) []byte {
+	b = append(b, '{')
+	field := func(name, v string) {
+		if v == "" {
+			return
+		}
+		if len(b) > 1 {
+			b = append(b, ',')
+		}
+		b = appendJSONString(b, name)
+		b = append(b, ':')
+		b = appendJSONString(b, v)
+	}
+	field("correlation_id", m.CorrelationID)
+	field("causation_id", m.CausationID)
+	field("traceparent", m.TraceParent)
+	field("tracestate", m.TraceState)
+	if len(m.Keys) > 0 {
+		if len(b) > 1 {
+			b = append(b, ',')
+		}
+		b = append(b, `"keys":{`...)
+		keys := make([]string, 0, len(m.Keys))
+		for k := range m.Keys {
+			keys = append(keys, k)
+		}
+		slices.Sort(keys)
+		for i, k := range keys {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = appendJSONString(b, k)
+			b = append(b, ':')
+			b = appendJSONString(b, m.Keys[k])
+		}
+		b = append(b, '}')
+	}
+	return append(b, '}')
+}
+
+// appendJSONString quotes valid UTF-8 s as a JSON string.
+func appendJSONString(b []byte, s string) []byte {
+	const hex = "0123456789abcdef"
+	b = append(b, '"')
+	start := 0
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c >= 0x20 && c != '"' && c != '\\' {
+			continue
+		}
+		b = append(b, s[start:i]...)
+		switch c {
+		case '"', '\\':
+			b = append(b, '\\', c)
+		case '\n':
+			b = append(b, '\\', 'n')
+		case '\t':
+			b = append(b, '\\', 't')
+		case '\r':
+			b = append(b, '\\', 'r')
+		default:
+			b = append(b, '\\', 'u', '0', '0', hex[c>>4], hex[c&0xf])
+		}
+		start = i + 1
+	}
+	b = append(b, s[start:]...)
+	return append(b, '"')
 }
 
 // DecodeMetadata reads what EncodeMetadata wrote.
@@ -115,6 +189,16 @@ func DecodeMetadata(b []byte) (Metadata, error) {
 	}
 	err := json.Unmarshal(b, &m)
 	return m, err
+}
+
+// isPlainASCII reports whether s is printable ASCII only.
+func isPlainASCII(s string) bool {
+	for i := 0; i < len(s); i++ {
+		if s[i] < 0x20 || s[i] > 0x7e {
+			return false
+		}
+	}
+	return true
 }
 
 func hasControl(s string) bool {
@@ -161,18 +245,23 @@ func PrepareAppend(streamID string, expected ExpectedVersion, events []EventData
 	}
 	out := make([]PreparedEvent, len(events))
 	total := 0
-	seen := make(map[uuid.UUID]int, len(events))
+	var seen map[uuid.UUID]int // only for batches too long to compare pairwise
+	if len(events) > 16 {
+		seen = make(map[uuid.UUID]int, len(events))
+	}
 	for i, e := range events {
-		field := fmt.Sprintf("events[%d]", i)
-		if err := validateName(ErrInvalidEventType, field+".Type", e.Type, false); err != nil {
+		field := func(name string) string { return "events[" + strconv.Itoa(i) + "]." + name }
+		if err := validateName(ErrInvalidEventType, "", e.Type, false); err != nil {
+			err.(*ValidationError).Field = field("Type")
 			return nil, err
 		}
 		if len(e.Data) > limits.MaxEventBytes {
-			return nil, invalid(ErrEventTooLarge, field+".Data", "%d bytes, more than %d", len(e.Data), limits.MaxEventBytes)
+			return nil, invalid(ErrEventTooLarge, field("Data"), "%d bytes, more than %d", len(e.Data), limits.MaxEventBytes)
 		}
 		if e.ContentType == "" {
 			e.ContentType = DefaultContentType
-		} else if err := validateName(ErrInvalidEvent, field+".ContentType", e.ContentType, false); err != nil {
+		} else if err := validateName(ErrInvalidEvent, "", e.ContentType, false); err != nil {
+			err.(*ValidationError).Field = field("ContentType")
 			return nil, err
 		}
 		if e.ID == uuid.Nil {
@@ -181,16 +270,17 @@ func PrepareAppend(streamID string, expected ExpectedVersion, events []EventData
 				return nil, fmt.Errorf("eventstore: generating event id: %w", err)
 			}
 			e.ID = id
+		} else if j := duplicateOf(out[:i], seen, e.ID); j >= 0 {
+			return nil, invalid(ErrInvalidEvent, field("ID"), "%s also given to events[%d]", e.ID, j)
 		}
-		if j, dup := seen[e.ID]; dup {
-			return nil, invalid(ErrInvalidEvent, field+".ID", "%s also given to events[%d]", e.ID, j)
+		if seen != nil {
+			seen[e.ID] = i
 		}
-		seen[e.ID] = i
 		meta, err := EncodeMetadata(e.Metadata, limits.MaxMetadataBytes)
 		if err != nil {
 			var ve *ValidationError
 			if ok := asValidation(err, &ve); ok {
-				ve.Field = field + "." + ve.Field
+				ve.Field = field(ve.Field)
 			}
 			return nil, err
 		}
@@ -201,6 +291,22 @@ func PrepareAppend(streamID string, expected ExpectedVersion, events []EventData
 		return nil, invalid(ErrBatchTooLarge, "events", "%d bytes, more than %d", total, limits.MaxBatchBytes)
 	}
 	return out, nil
+}
+
+// duplicateOf returns the index of an earlier event with id, or -1.
+func duplicateOf(earlier []PreparedEvent, seen map[uuid.UUID]int, id uuid.UUID) int {
+	if seen != nil {
+		if j, ok := seen[id]; ok {
+			return j
+		}
+		return -1
+	}
+	for j := range earlier {
+		if earlier[j].ID == id {
+			return j
+		}
+	}
+	return -1
 }
 
 func asValidation(err error, target **ValidationError) bool {

@@ -105,6 +105,9 @@ func (s *Store) Append(ctx context.Context, streamID string, expected eventstore
 	if err != nil {
 		return eventstore.AppendResult{}, err
 	}
+	if res, done, err := s.appendNow(streamID, expected, prepared); done {
+		return res, err
+	}
 	for {
 		tx := s.Begin()
 		res, err := tx.append(ctx, streamID, expected, prepared)
@@ -120,6 +123,66 @@ func (s *Store) Append(ctx context.Context, streamID string, expected eventstore
 		}
 		return res, nil
 	}
+}
+
+// appendNow is Append's fast path: when no open transaction holds the stream
+// or any of the ids, the append takes an id and commits at once under the
+// store's lock, which is what a transaction of its own would do. done is
+// false when the slow path must handle it.
+func (s *Store) appendNow(streamID string, expected eventstore.ExpectedVersion, prepared []eventstore.PreparedEvent) (res eventstore.AppendResult, done bool, err error) {
+	s.mu.Lock()
+	st := s.streams[streamID]
+	if st != nil && st.lockedBy != nil {
+		s.mu.Unlock()
+		return res, false, nil
+	}
+	for _, p := range prepared {
+		if _, ok := s.pending[p.ID]; ok {
+			s.mu.Unlock()
+			return res, false, nil
+		}
+	}
+	if res, found, err := s.replay(nil, streamID, prepared); found {
+		s.mu.Unlock()
+		return res, true, err
+	}
+	current := eventstore.Version(0)
+	if st != nil {
+		current = eventstore.Version(len(st.events))
+	}
+	if !expected.Satisfied(current) {
+		s.mu.Unlock()
+		return res, true, &eventstore.ConcurrencyError{StreamID: streamID, Expected: expected, Actual: current}
+	}
+	now := s.now()
+	if st == nil {
+		st = &stream{id: streamID, createdAt: now}
+		s.streams[streamID] = st
+	}
+	s.lastTx++
+	added := make([]*eventstore.Event, len(prepared))
+	for i, p := range prepared {
+		s.lastPos++
+		e := &eventstore.Event{
+			StreamID:    streamID,
+			Version:     current + eventstore.Version(i) + 1,
+			Position:    eventstore.Position{TxID: s.lastTx, GlobalPosition: s.lastPos},
+			ID:          p.ID,
+			Type:        p.Type,
+			Data:        bytes.Clone(p.Data),
+			ContentType: p.ContentType,
+			Metadata:    cloneMetadata(p.Metadata),
+			RecordedAt:  now,
+		}
+		added[i] = e
+		st.events = append(st.events, e)
+		s.byID[e.ID] = e
+		s.insertFeed(e)
+	}
+	st.lastTx, st.updatedAt = s.lastTx, now
+	s.mu.Unlock()
+	s.wake.Notify()
+	return result(added), true, nil
 }
 
 // Append appends within the transaction. A refusal leaves the transaction
@@ -212,6 +275,15 @@ func (tx *Tx) append(ctx context.Context, streamID string, expected eventstore.E
 // transaction) with the ids of prepared; found reports whether there were any.
 // Called with s.mu held.
 func (s *Store) replay(tx *Tx, streamID string, prepared []eventstore.PreparedEvent) (res eventstore.AppendResult, found bool, err error) {
+	known := false
+	for _, p := range prepared {
+		_, stored := s.byID[p.ID]
+		_, pending := s.pending[p.ID]
+		known = known || stored || pending
+	}
+	if !known {
+		return res, false, nil
+	}
 	stored := make(map[uuid.UUID]eventstore.Event)
 	for _, p := range prepared {
 		if e, ok := s.byID[p.ID]; ok {

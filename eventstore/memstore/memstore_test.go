@@ -27,3 +27,7 @@ type memTx struct{ *memstore.Tx }
 func (tx memTx) Append(ctx context.Context, stream string, exp eventstore.ExpectedVersion, evs []eventstore.EventData) (eventstore.AppendResult, error) {
 	return tx.Tx.Append(ctx, stream, exp, evs)
 }
+
+func BenchmarkStore(b *testing.B) {
+	eventstoretest.Bench(b, func(b *testing.B) eventstore.Store { return memstore.New(nil) })
+}

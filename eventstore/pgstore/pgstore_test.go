@@ -66,3 +66,23 @@ type pgTx struct {
 func (tx pgTx) Append(ctx context.Context, stream string, exp eventstore.ExpectedVersion, evs []eventstore.EventData) (eventstore.AppendResult, error) {
 	return tx.s.AppendTx(ctx, tx.Tx, stream, exp, evs)
 }
+
+func BenchmarkStore(b *testing.B) {
+	for _, driver := range testdb.Drivers {
+		b.Run(driver, func(b *testing.B) {
+			db := testdb.Open(b, driver)
+			eventstoretest.Bench(b, func(b *testing.B) eventstore.Store {
+				schema := testdb.Schema(b, db)
+				if _, err := pgstore.Migrate(context.Background(), db, schema); err != nil {
+					b.Fatal(err)
+				}
+				s, err := pgstore.New(db, &pgstore.Config{Schema: schema})
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.Cleanup(func() { _ = s.Close() })
+				return s
+			})
+		})
+	}
+}
