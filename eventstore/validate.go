@@ -4,8 +4,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"regexp"
-	"strconv"
 	"slices"
+	"strconv"
 	"unicode"
 	"unicode/utf8"
 
