@@ -208,3 +208,73 @@ func peakRSSMB() float64 {
 	}
 	return 0
 }
+
+// RawLimit is what ../shared/bench/raw-limit.sh prints: plain INSERTs and a
+// plain ordered scan on the same PostgreSQL, measured now.
+type RawLimit struct {
+	W1EventsPerSec   float64 `json:"w1_events_per_sec"`
+	W1P99ms          float64 `json:"w1_p99_ms"`
+	W2EventsPerSec   float64 `json:"w2_events_per_sec"`
+	ReadEventsPerSec float64 `json:"read_events_per_sec"`
+}
+
+// Summary is the median of several runs of one workload, with its ratios to
+// the raw limit measured in the same invocation.
+type Summary struct {
+	Result
+	Runs          int      `json:"runs"`
+	RatioToRaw    *float64 `json:"ratio_to_raw,omitempty"`     // events/s over raw events/s
+	P99RatioToRaw *float64 `json:"p99_ratio_to_raw,omitempty"` // W1 only: p99 over raw p99
+}
+
+// Summarize takes the median of each figure over runs and, given a raw
+// limit, the ratios the docs quote.
+func Summarize(runs []Result, raw *RawLimit) Summary {
+	med := func(get func(Result) float64) float64 {
+		v := make([]float64, len(runs))
+		for i, r := range runs {
+			v[i] = get(r)
+		}
+		slices.Sort(v)
+		if len(v)%2 == 1 {
+			return v[len(v)/2]
+		}
+		return (v[len(v)/2-1] + v[len(v)/2]) / 2
+	}
+	s := Summary{Result: runs[0], Runs: len(runs)}
+	s.Seconds = med(func(r Result) float64 { return r.Seconds })
+	s.EventsPerSec = med(func(r Result) float64 { return r.EventsPerSec })
+	s.P50ms = med(func(r Result) float64 { return r.P50ms })
+	s.P99ms = med(func(r Result) float64 { return r.P99ms })
+	s.PeakRSSMB = slices.MaxFunc(runs, func(a, b Result) int { return cmpFloat(a.PeakRSSMB, b.PeakRSSMB) }).PeakRSSMB
+	if raw == nil {
+		return s
+	}
+	ratio := func(a, b float64) *float64 {
+		if b <= 0 {
+			return nil
+		}
+		r := float64(int(a/b*100+0.5)) / 100
+		return &r
+	}
+	switch s.Workload {
+	case "W1":
+		s.RatioToRaw = ratio(s.EventsPerSec, raw.W1EventsPerSec)
+		s.P99RatioToRaw = ratio(s.P99ms, raw.W1P99ms)
+	case "W2":
+		s.RatioToRaw = ratio(s.EventsPerSec, raw.W2EventsPerSec)
+	case "W3":
+		s.RatioToRaw = ratio(s.EventsPerSec, raw.ReadEventsPerSec)
+	}
+	return s
+}
+
+func cmpFloat(a, b float64) int {
+	switch {
+	case a < b:
+		return -1
+	case a > b:
+		return 1
+	}
+	return 0
+}
