@@ -67,8 +67,8 @@ func Open(t testing.TB, driver string) *sqlx.DB {
 		}
 		t.Skip(msg)
 	}
-	db.SetMaxOpenConns(40)
-	db.SetMaxIdleConns(40)
+	db.SetMaxOpenConns(20) // two packages at once, two drivers each, stay under max_connections (100)
+	db.SetMaxIdleConns(20)
 	pools[driver] = db
 	return db
 }
