@@ -26,6 +26,20 @@ func Bench(b *testing.B, backend func(b *testing.B) eventstore.Store) {
 		return out
 	}
 	ctx := context.Background()
+	// fill appends n events in batches of 100 and waits until the feed shows them.
+	fill := func(b *testing.B, s eventstore.Store, prefix string, n int) {
+		var last eventstore.Position
+		for i := range n / 100 {
+			res, err := s.Append(ctx, fmt.Sprintf("%s-%d", prefix, i), eventstore.Any, batch(100))
+			if err != nil {
+				b.Fatal(err)
+			}
+			last = res.LastPosition
+		}
+		if err := eventstore.WaitForPosition(ctx, s, last); err != nil {
+			b.Fatal(err)
+		}
+	}
 	for _, n := range []int{1, 10} {
 		b.Run(fmt.Sprintf("Append/events=%d", n), func(b *testing.B) {
 			s := backend(b)
@@ -60,18 +74,7 @@ func Bench(b *testing.B, backend func(b *testing.B) eventstore.Store) {
 	})
 	b.Run("ReadAllPage/limit=500", func(b *testing.B) {
 		s := backend(b)
-		for i := range 10 {
-			if _, err := s.Append(ctx, fmt.Sprintf("read-%d", i), eventstore.Any, batch(100)); err != nil {
-				b.Fatal(err)
-			}
-		}
-		head, err := s.Head(ctx)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if err := eventstore.WaitForPosition(ctx, s, head); err != nil {
-			b.Fatal(err)
-		}
+		fill(b, s, "read", 1000)
 		b.ReportAllocs()
 		for b.Loop() {
 			page, err := s.ReadAll(ctx, eventstore.ReadAllOpts{Limit: 500})
@@ -84,15 +87,7 @@ func Bench(b *testing.B, backend func(b *testing.B) eventstore.Store) {
 	b.Run("SubscriptionDelivery", func(b *testing.B) {
 		s := backend(b)
 		const n = 1000
-		for i := range n / 100 {
-			if _, err := s.Append(ctx, fmt.Sprintf("sub-%d", i), eventstore.Any, batch(100)); err != nil {
-				b.Fatal(err)
-			}
-		}
-		head, _ := s.Head(ctx)
-		if err := eventstore.WaitForPosition(ctx, s, head); err != nil {
-			b.Fatal(err)
-		}
+		fill(b, s, "sub", n)
 		b.ReportAllocs()
 		for b.Loop() {
 			sctx, cancel := context.WithCancel(ctx)

@@ -25,6 +25,8 @@ var Meta = eventstore.Metadata{CorrelationID: "0123456789abcdef0123456789abcdef"
 // Result is one workload's figures; it marshals to the JSON line of the
 // output contract.
 type Result struct {
+	last eventstore.Position // the furthest position written, for waiting on the feed
+
 	Workload     string  `json:"workload"`
 	Store        string  `json:"store"`
 	GroupCommit  bool    `json:"group_commit"`
@@ -72,6 +74,7 @@ func writers(ctx context.Context, store eventstore.Store, name, prefix string, n
 	appendsPerWriter := max(1, total/perAppend/nWriters)
 	lat := make([][]time.Duration, nWriters)
 	errs := make([]error, nWriters)
+	lasts := make([]eventstore.Position, nWriters)
 	var wg sync.WaitGroup
 	start := time.Now()
 	for w := range nWriters {
@@ -90,6 +93,9 @@ func writers(ctx context.Context, store eventstore.Store, name, prefix string, n
 				}
 				lat[w] = append(lat[w], time.Since(t0))
 				versions[k] = res.LastVersion
+				if lasts[w].Less(res.LastPosition) {
+					lasts[w] = res.LastPosition
+				}
 			}
 		})
 	}
@@ -103,7 +109,17 @@ func writers(ctx context.Context, store eventstore.Store, name, prefix string, n
 	all := slices.Concat(lat...)
 	slices.Sort(all)
 	written := appendsPerWriter * nWriters * perAppend
+	last := slices.MaxFunc(lasts, func(a, b eventstore.Position) int {
+		if a.Less(b) {
+			return -1
+		}
+		if b.Less(a) {
+			return 1
+		}
+		return 0
+	})
 	return Result{
+		last:     last,
 		Workload: name, Events: written, Seconds: elapsed.Seconds(),
 		EventsPerSec: float64(written) / elapsed.Seconds(),
 		P50ms:        ms(percentile(all, 0.50)), P99ms: ms(percentile(all, 0.99)),
@@ -116,7 +132,11 @@ func writers(ctx context.Context, store eventstore.Store, name, prefix string, n
 // takes them, and returns how many it wrote. It is set-up, not measured.
 func Seed(ctx context.Context, store eventstore.Store, prefix string, total int) (int, error) {
 	res, err := writers(ctx, store, "seed", prefix, 8, min(100, total), total)
-	return res.Events, err
+	if err != nil {
+		return 0, err
+	}
+	// The feed shows them once every older transaction on the server ended.
+	return res.Events, eventstore.WaitForPosition(ctx, store, res.last)
 }
 
 // readAll reads the whole log from the start in global order, after seeding
@@ -124,13 +144,6 @@ func Seed(ctx context.Context, store eventstore.Store, prefix string, total int)
 func readAll(ctx context.Context, store eventstore.Store, total int) (Result, error) {
 	seeded, err := Seed(ctx, store, "seed", total)
 	if err != nil {
-		return Result{}, err
-	}
-	head, err := store.Head(ctx)
-	if err != nil {
-		return Result{}, err
-	}
-	if err := eventstore.WaitForPosition(ctx, store, head); err != nil {
 		return Result{}, err
 	}
 	start := time.Now()
