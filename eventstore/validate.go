@@ -1,7 +1,6 @@
 package eventstore
 
 import (
-	"encoding/json"
 	"fmt"
 	"regexp"
 	"slices"
@@ -179,16 +178,6 @@ func appendJSONString(b []byte, s string) []byte {
 	}
 	b = append(b, s[start:]...)
 	return append(b, '"')
-}
-
-// DecodeMetadata reads what EncodeMetadata wrote.
-func DecodeMetadata(b []byte) (Metadata, error) {
-	var m Metadata
-	if len(b) == 0 {
-		return m, nil
-	}
-	err := json.Unmarshal(b, &m)
-	return m, err
 }
 
 // isPlainASCII reports whether s is printable ASCII only.

@@ -83,3 +83,19 @@ func FuzzMetadataJSON(f *testing.F) {
 		}
 	})
 }
+
+// TestDecodeMetadataAsPostgresRendersIt: jsonb comes back with its keys
+// reordered and spaces after ':' and ','; escapes take the slow path.
+func TestDecodeMetadataAsPostgresRendersIt(t *testing.T) {
+	for in, want := range map[string]eventstore.Metadata{
+		`{"keys": {"a": "1", "tenant": "acme"}, "causation_id": "c", "correlation_id": "r"}`:                        {CorrelationID: "r", CausationID: "c", Keys: map[string]string{"a": "1", "tenant": "acme"}},
+		`{"keys": {"q": "say \"hi\"\n"}, "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}`: {TraceParent: "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", Keys: map[string]string{"q": "say \"hi\"\n"}},
+		`{}`: {},
+		`{"future_field": 3, "correlation_id": "r"}`: {CorrelationID: "r"},
+	} {
+		got, err := eventstore.DecodeMetadata([]byte(in))
+		if err != nil || !got.Equal(want) {
+			t.Errorf("DecodeMetadata(%s) = %+v, %v; want %+v", in, got, err, want)
+		}
+	}
+}
