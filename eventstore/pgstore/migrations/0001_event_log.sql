@@ -92,6 +92,7 @@ DECLARE
   v_cur bigint;
   v_last xid8;
   v_exp bigint;
+  v_layers int := 0;
 BEGIN
   IF p_check_ids THEN
     SELECT array_agg(DISTINCT u.req) INTO v_idx
@@ -102,7 +103,10 @@ BEGIN
     END LOOP;
   END IF;
 
-  FOR v_layer IN 1 .. coalesce((SELECT max(l) FROM unnest(p_layers) AS l), 0) LOOP
+  FOREACH v_i IN ARRAY p_layers LOOP           -- a plain loop, not a query: this runs per append
+    v_layers := greatest(v_layers, v_i);
+  END LOOP;
+  FOR v_layer IN 1 .. v_layers LOOP
   FOR v_pass IN 1 .. 2 LOOP
     -- Check and move every stream the group may append to, in one statement.
     -- A row another transaction is writing is waited for, then checked again
