@@ -101,16 +101,21 @@ func testConcurrentAnyAppends(t *testing.T, b Backend) {
 	if err != nil || len(evs) != 2*writers {
 		t.Fatalf("stream holds %d events (%v), want %d", len(evs), err, 2*writers)
 	}
-	byVersion := map[eventstore.Version]uuid.UUID{}
+	byVersion := map[eventstore.Version]eventstore.Event{}
 	for i, e := range evs {
 		if e.Version != eventstore.Version(i+1) {
 			t.Fatalf("versions not contiguous: index %d holds v%d", i, e.Version)
 		}
-		byVersion[e.Version] = e.ID
+		byVersion[e.Version] = e
 	}
 	for i, res := range results {
-		if res.LastVersion != res.FirstVersion+1 || byVersion[res.FirstVersion] != batches[i][0].ID || byVersion[res.LastVersion] != batches[i][1].ID {
+		first, last := byVersion[res.FirstVersion], byVersion[res.LastVersion]
+		if res.LastVersion != res.FirstVersion+1 || first.ID != batches[i][0].ID || last.ID != batches[i][1].ID {
 			t.Errorf("writer %d: result %d..%d does not hold its events", i, res.FirstVersion, res.LastVersion)
+		}
+		// Appends that shared a commit each report their own positions.
+		if res.FirstPosition != first.Position || res.LastPosition != last.Position {
+			t.Errorf("writer %d: result positions %s..%s, its events are at %s..%s", i, res.FirstPosition, res.LastPosition, first.Position, last.Position)
 		}
 	}
 }

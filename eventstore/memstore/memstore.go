@@ -33,6 +33,10 @@ type Config struct {
 	Now func() time.Time
 }
 
+// maxAppendRetries bounds Append's own retries of retryable refusals, as
+// pgstore.Config.MaxAppendRetries does.
+const maxAppendRetries = 50
+
 // ErrTxDone is returned by a Tx used after Commit or Rollback.
 var ErrTxDone = errors.New("memstore: transaction already committed or rolled back")
 
@@ -108,12 +112,12 @@ func (s *Store) Append(ctx context.Context, streamID string, expected eventstore
 	if res, done, err := s.appendNow(streamID, expected, prepared); done {
 		return res, err
 	}
-	for {
+	for attempt := 1; ; attempt++ {
 		tx := s.Begin()
 		res, err := tx.append(ctx, streamID, expected, prepared)
 		if err != nil {
 			tx.Rollback()
-			if eventstore.IsRetryable(err) && ctx.Err() == nil {
+			if eventstore.IsRetryable(err) && ctx.Err() == nil && attempt < maxAppendRetries {
 				continue
 			}
 			return eventstore.AppendResult{}, err
@@ -207,13 +211,17 @@ func (tx *Tx) append(ctx context.Context, streamID string, expected eventstore.E
 		tx.id = s.lastTx
 		s.open[tx] = struct{}{}
 	}
-	// Lock the stream, waiting for another transaction that holds it.
+	// Wait, as PostgreSQL does, for another transaction that holds the
+	// stream or is writing one of these event ids, then look again.
 	for {
-		st := s.streams[streamID]
-		if st == nil || st.lockedBy == nil || st.lockedBy == tx {
+		var wait <-chan struct{}
+		if st := s.streams[streamID]; st != nil && st.lockedBy != nil && st.lockedBy != tx {
+			wait = st.lockedBy.done
+		} else if owner := s.pendingOwner(prepared, tx); owner != nil {
+			wait = owner.done
+		} else {
 			break
 		}
-		wait := st.lockedBy.done
 		s.mu.Unlock()
 		select {
 		case <-wait:
@@ -227,6 +235,21 @@ func (tx *Tx) append(ctx context.Context, streamID string, expected eventstore.E
 		}
 	}
 	st := s.streams[streamID]
+	mine := tx.writes[streamID]
+	current := eventstore.Version(len(mine))
+	if st != nil {
+		current += eventstore.Version(len(st.events))
+	}
+	if res, found, err := s.replay(tx, streamID, prepared); found || err != nil {
+		return res, err
+	}
+	// A refused append neither locks nor creates the stream.
+	if !expected.Satisfied(current) {
+		return eventstore.AppendResult{}, &eventstore.ConcurrencyError{StreamID: streamID, Expected: expected, Actual: current}
+	}
+	if st != nil && st.lastTx > tx.id {
+		return eventstore.AppendResult{}, &eventstore.RetryableError{StreamID: streamID, Reason: "the stream's last writer is a newer transaction"}
+	}
 	if st == nil {
 		now := s.now()
 		st = &stream{id: streamID, createdAt: now, updatedAt: now}
@@ -234,20 +257,7 @@ func (tx *Tx) append(ctx context.Context, streamID string, expected eventstore.E
 	}
 	st.lockedBy = tx
 	if _, ok := tx.writes[streamID]; !ok {
-		tx.writes[streamID] = nil
 		tx.order = append(tx.order, streamID)
-	}
-	mine := tx.writes[streamID]
-	current := eventstore.Version(len(st.events) + len(mine))
-
-	if res, found, err := s.replay(tx, streamID, prepared); found || err != nil {
-		return res, err
-	}
-	if !expected.Satisfied(current) {
-		return eventstore.AppendResult{}, &eventstore.ConcurrencyError{StreamID: streamID, Expected: expected, Actual: current}
-	}
-	if st.lastTx > tx.id {
-		return eventstore.AppendResult{}, &eventstore.RetryableError{StreamID: streamID, Reason: "the stream's last writer is a newer transaction"}
 	}
 	now := s.now()
 	for i, p := range prepared {
@@ -269,6 +279,16 @@ func (tx *Tx) append(ctx context.Context, streamID string, expected eventstore.E
 	tx.writes[streamID] = mine
 	added := mine[len(mine)-len(prepared):]
 	return result(added), nil
+}
+
+// pendingOwner returns another open transaction writing one of the ids.
+func (s *Store) pendingOwner(prepared []eventstore.PreparedEvent, tx *Tx) *Tx {
+	for _, p := range prepared {
+		if owner, ok := s.pending[p.ID]; ok && owner != tx {
+			return owner
+		}
+	}
+	return nil
 }
 
 // replay looks for events already stored (or written earlier in this

@@ -321,6 +321,9 @@ func newCommitter(s *Store) *committer {
 var ErrClosed = errors.New("pgstore: store is closed")
 
 func (c *committer) submit(ctx context.Context, r *request) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("pgstore: appending to %q: %w", r.streamID, err)
+	}
 	c.mu.Lock()
 	if c.closed {
 		c.mu.Unlock()
@@ -345,6 +348,9 @@ func (c *committer) submit(ctx context.Context, r *request) error {
 // work to keep both cores busy (measured: W2, ten events per append, gains
 // about a quarter; W1, one event per append, loses a tenth).
 const extraFlusherMinEvents = 32
+
+// maxPerStream caps the appends to one stream in one group.
+const maxPerStream = 16
 
 func (c *committer) run(extra bool) {
 	defer c.wg.Done()
@@ -392,8 +398,9 @@ func (c *committer) run(extra bool) {
 			close(r.done)
 		}
 		c.mu.Lock()
+		// Active callers: those just answered, and those that queued meanwhile.
+		expect = len(group) - len(retry) + len(c.queue)
 		c.queue = append(retry, c.queue...)
-		expect = len(group) + len(c.queue)
 		answered = time.Now()
 		if len(retry) > 0 {
 			c.cond.Broadcast()
@@ -422,13 +429,26 @@ func (c *committer) take() []*request {
 		c.queue = c.queue[1:]
 		return []*request{r}
 	}
-	n, events := 0, 0
-	for n < len(c.queue) && !c.queue[n].alone && events+len(c.queue[n].events) <= c.maxEvents {
-		events += len(c.queue[n].events)
-		n++
+	// Appends to one stream are applied one layer after another inside the
+	// function, which is cheap for a few and slow for thousands: at most
+	// maxPerStream of them share a group, the rest wait for the next one.
+	var group, rest []*request
+	perStream := make(map[string]int)
+	events := 0
+	for i, r := range c.queue {
+		if r.alone || events+len(r.events) > c.maxEvents {
+			rest = append(rest, c.queue[i:]...)
+			break
+		}
+		if perStream[r.streamID] == maxPerStream {
+			rest = append(rest, r)
+			continue
+		}
+		perStream[r.streamID]++
+		events += len(r.events)
+		group = append(group, r)
 	}
-	group := slices.Clone(c.queue[:n])
-	c.queue = c.queue[n:]
+	c.queue = rest
 	return group
 }
 

@@ -140,6 +140,7 @@ func AppRoleGrants(schema, role string) ([]string, error) {
 		`GRANT SELECT, INSERT ON ` + s + `.events TO ` + r,
 		`GRANT SELECT, INSERT, UPDATE ON ` + s + `.streams TO ` + r,
 		`GRANT SELECT ON ` + s + `.schema_migrations TO ` + r,
+		`GRANT SELECT, INSERT, UPDATE, DELETE ON ` + s + `.snapshots TO ` + r, // a cache, not history
 		`GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA ` + s + ` TO ` + r,
 	}, nil
 }

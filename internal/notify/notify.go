@@ -3,6 +3,7 @@ package notify
 
 import (
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -11,6 +12,7 @@ import (
 // again for what another process wrote.
 type Notifier struct {
 	poll  time.Duration
+	armed atomic.Bool // someone holds a channel: lets Notify skip the lock on the append path
 	mu    sync.Mutex
 	ch    chan struct{}
 	timer *time.Timer
@@ -26,6 +28,7 @@ func (n *Notifier) Wait() <-chan struct{} {
 	if n.ch == nil {
 		n.ch = make(chan struct{})
 	}
+	n.armed.Store(true)
 	if n.poll > 0 && n.timer == nil {
 		n.timer = time.AfterFunc(n.poll, n.Notify)
 	}
@@ -34,7 +37,13 @@ func (n *Notifier) Wait() <-chan struct{} {
 
 // Notify wakes every current waiter.
 func (n *Notifier) Notify() {
+	// A waiter arms before it reads, so an append that committed after that
+	// read sees armed set; one that committed before is in what it read.
+	if !n.armed.Load() {
+		return
+	}
 	n.mu.Lock()
+	n.armed.Store(false)
 	defer n.mu.Unlock()
 	if n.timer != nil {
 		n.timer.Stop()

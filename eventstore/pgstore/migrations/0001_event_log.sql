@@ -106,6 +106,11 @@ BEGIN
   FOREACH v_i IN ARRAY p_layers LOOP           -- a plain loop, not a query: this runs per append
     v_layers := greatest(v_layers, v_i);
   END LOOP;
+  IF v_layers > 1 THEN
+    -- Later layers would lock their streams after the first layer's: take
+    -- every lock now, in stream order, so groups still lock in one order.
+    PERFORM 1 FROM {{schema}}.streams s WHERE s.stream_id = ANY (p_streams) ORDER BY s.stream_id FOR UPDATE;
+  END IF;
   FOR v_layer IN 1 .. v_layers LOOP
   FOR v_pass IN 1 .. 2 LOOP
     -- Check and move every stream the group may append to, in one statement.
@@ -147,12 +152,15 @@ BEGIN
       RETURNING stream_id)
     SELECT array_agg(r.i::int) INTO v_idx
       FROM ins JOIN unnest(p_streams) WITH ORDINALITY AS r(sid, i) ON r.sid = ins.stream_id;
-    EXIT WHEN v_idx IS NULL;
-    FOREACH v_i IN ARRAY v_idx LOOP
+    FOREACH v_i IN ARRAY coalesce(v_idx, '{}') LOOP
       IF v_status[v_i] = 0 AND v_ver[v_i] IS NULL AND p_layers[v_i] = v_layer THEN
         v_ver[v_i] := 0;
+        v_k := v_k - 1;
       END IF;
     END LOOP;
+    -- Still pending: refused, or another transaction created the stream
+    -- first; the second pass checks them against its row.
+    EXIT WHEN v_k = 0;
   END LOOP;
   END LOOP;
 
@@ -189,12 +197,18 @@ BEGIN
              WITH ORDINALITY AS u(req, ord, id, typ, ct, dat, meta, k)
      WHERE v_status[u.req] = 0
      ORDER BY u.k
-    RETURNING stream_id, global_position),
-  pos AS (SELECT stream_id, min(global_position) AS first_pos, max(global_position) AS last_pos
-            FROM ins GROUP BY stream_id)
+    RETURNING stream_id, version, global_position),
+  -- Several requests may share a stream: each gets the positions of its own
+  -- versions.
+  pos AS (SELECT r.i, min(ins.global_position) AS first_pos, max(ins.global_position) AS last_pos
+            FROM unnest(p_streams) WITH ORDINALITY AS r(sid, i)
+            JOIN ins ON ins.stream_id = r.sid
+                    AND ins.version BETWEEN v_ver[r.i] + 1 AND v_ver[r.i] + p_counts[r.i]
+           WHERE v_status[r.i] = 0
+           GROUP BY r.i)
   SELECT r.i::int, v_status[r.i], v_ver[r.i], pos.first_pos, pos.last_pos,
          CASE WHEN v_status[r.i] = 0 THEN v_xid::text END
     FROM unnest(p_streams) WITH ORDINALITY AS r(sid, i)
-    LEFT JOIN pos ON pos.stream_id = r.sid
+    LEFT JOIN pos ON pos.i = r.i
    ORDER BY r.i;
 END $$;

@@ -1,0 +1,63 @@
+// Package pgsnapshot keeps aggregate snapshots in PostgreSQL, in the
+// snapshots table that pgstore's migrations create beside the events.
+package pgsnapshot
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/stele-dev/stele/aggregate"
+	"github.com/stele-dev/stele/eventstore"
+	"github.com/stele-dev/stele/eventstore/pgstore"
+)
+
+// Store is an aggregate.SnapshotStore over a migrated stele schema.
+type Store struct {
+	db           *sqlx.DB
+	load, upsert string
+}
+
+var _ aggregate.SnapshotStore = (*Store)(nil)
+
+// New returns a snapshot store in schema (run pgstore.Migrate first).
+func New(db *sqlx.DB, schema string) (*Store, error) {
+	if err := pgstore.ValidateSchema(schema); err != nil {
+		return nil, err
+	}
+	t := `"` + schema + `".snapshots`
+	return &Store{
+		db:   db,
+		load: `SELECT version, schema_version, data, taken_at FROM ` + t + ` WHERE stream_id = $1`,
+		// A slower writer never replaces a newer snapshot.
+		upsert: `INSERT INTO ` + t + ` (stream_id, version, schema_version, data) VALUES ($1, $2, $3, $4)
+			ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, schema_version = excluded.schema_version,
+			data = excluded.data, taken_at = now() WHERE ` + t + `.version <= excluded.version`,
+	}, nil
+}
+
+// LoadSnapshot returns the stream's snapshot, if any.
+func (s *Store) LoadSnapshot(ctx context.Context, streamID string) (aggregate.Snapshot, bool, error) {
+	snap := aggregate.Snapshot{StreamID: streamID}
+	var v int64
+	err := s.db.QueryRowContext(ctx, s.load, streamID).Scan(&v, &snap.SchemaVersion, &snap.Data, &snap.TakenAt)
+	if errors.Is(err, sql.ErrNoRows) {
+		return aggregate.Snapshot{}, false, nil
+	}
+	if err != nil {
+		return aggregate.Snapshot{}, false, fmt.Errorf("pgsnapshot: loading %q: %w", streamID, err)
+	}
+	snap.Version = eventstore.Version(v)
+	return snap, true, nil
+}
+
+// SaveSnapshot stores snap unless a later one is stored.
+func (s *Store) SaveSnapshot(ctx context.Context, snap aggregate.Snapshot) error {
+	if _, err := s.db.ExecContext(ctx, s.upsert, snap.StreamID, int64(snap.Version), snap.SchemaVersion, snap.Data); err != nil {
+		return fmt.Errorf("pgsnapshot: saving %q at v%d: %w", snap.StreamID, snap.Version, err)
+	}
+	return nil
+}
