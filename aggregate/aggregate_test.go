@@ -340,4 +340,3 @@ func TestConfigIsValidated(t *testing.T) {
 		}
 	}
 }
-
