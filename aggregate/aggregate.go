@@ -25,6 +25,8 @@
 package aggregate
 
 import (
+	"github.com/google/uuid"
+
 	"github.com/stele-dev/stele/eventstore"
 )
 
@@ -45,9 +47,10 @@ type Aggregate interface {
 // Root carries what every aggregate has: its id, the version of the last
 // stored event folded into it, and the events recorded since. Embed it.
 type Root struct {
-	id      string
-	version eventstore.Version
-	pending []any
+	id         string
+	version    eventstore.Version
+	pending    []any
+	pendingIDs []uuid.UUID // event ids, fixed when recorded so a retried Save is idempotent
 }
 
 func (r *Root) root() *Root { return r }
@@ -62,11 +65,18 @@ func (r *Root) Version() eventstore.Version { return r.version }
 // Pending returns the events recorded since the last load or save.
 func (r *Root) Pending() []any { return r.pending }
 
-// Record folds e into agg and keeps it to be saved.
+// Record folds e into agg and keeps it to be saved. The event gets its id
+// now, so saving the same aggregate again after an unclear error (a timeout
+// after the commit, say) stores nothing twice: the store recognises the ids.
 func Record(agg Aggregate, e any) {
 	agg.Apply(e)
 	r := agg.root()
 	r.pending = append(r.pending, e)
+	id, err := uuid.NewV7()
+	if err != nil {
+		id = uuid.New() // the clock failed; any unique id will do
+	}
+	r.pendingIDs = append(r.pendingIDs, id)
 }
 
 // Rehydrate sets agg's id and folds stored history into it, as a load does:
@@ -79,5 +89,5 @@ func Rehydrate(agg Aggregate, id string, history ...any) {
 		agg.Apply(e)
 		r.version++
 	}
-	r.pending = nil
+	r.pending, r.pendingIDs = nil, nil
 }

@@ -340,3 +340,28 @@ func TestConfigIsValidated(t *testing.T) {
 		}
 	}
 }
+
+// TestSaveIsSafeToRetry: the client lost the answer to a save that committed
+// and saves the same aggregate again: nothing is stored twice.
+func TestSaveIsSafeToRetry(t *testing.T) {
+	backends(t, func(t *testing.T, store eventstore.Store, _ func() aggregate.SnapshotStore) {
+		ctx := context.Background()
+		repo, _ := aggregate.NewRepository[Account](store, aggregate.Config{Category: "account", Codec: registry()})
+		a := repo.New("9")
+		a.Open("ada")
+		a.Credit(5)
+		retry := *a // the same aggregate, as the caller still holds it after an unclear error
+		if err := repo.Save(ctx, a); err != nil {
+			t.Fatal(err)
+		}
+		if err := repo.Save(ctx, &retry); err != nil {
+			t.Fatalf("retried save: %v", err)
+		}
+		if retry.Version() != 2 {
+			t.Fatalf("retried save left version %d, want 2", retry.Version())
+		}
+		if evs, _ := eventstore.LoadStream(ctx, store, "account-9"); len(evs) != 2 {
+			t.Fatalf("stream holds %d events after a retried save, want 2", len(evs))
+		}
+	})
+}

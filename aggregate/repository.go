@@ -169,7 +169,10 @@ func (r *Repository[T, P]) fromSnapshot(ctx context.Context, id string) P {
 // Save appends the aggregate's pending events if its stream is still at the
 // version it was loaded at; otherwise it returns an error matching
 // eventstore.ErrConcurrencyConflict and changes nothing. Metadata set on ctx
-// with WithMetadata goes on every event.
+// with WithMetadata goes on every event. After an error that leaves the
+// outcome unknown, calling Save again with the same aggregate is safe: the
+// events keep the ids they got when recorded, so a save that did commit is
+// recognised and not repeated.
 func (r *Repository[T, P]) Save(ctx context.Context, agg P) error {
 	root := agg.root()
 	if len(root.pending) == 0 {
@@ -182,6 +185,7 @@ func (r *Repository[T, P]) Save(ctx context.Context, agg P) error {
 		if err != nil {
 			return fmt.Errorf("saving %s: %w", r.StreamID(root.id), err)
 		}
+		data.ID = root.pendingIDs[i]
 		data.Metadata = md
 		events[i] = data
 	}
@@ -191,7 +195,7 @@ func (r *Repository[T, P]) Save(ctx context.Context, agg P) error {
 		return fmt.Errorf("saving %s: %w", r.StreamID(root.id), err)
 	}
 	root.version = res.LastVersion
-	root.pending = nil
+	root.pending, root.pendingIDs = nil, nil
 	if every := eventstore.Version(r.cfg.SnapshotEvery); r.cfg.Snapshots != nil && before/every != root.version/every {
 		r.snapshot(ctx, agg)
 	}
