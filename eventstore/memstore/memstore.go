@@ -166,18 +166,7 @@ func (s *Store) appendNow(streamID string, expected eventstore.ExpectedVersion, 
 	s.lastTx++
 	added := make([]*eventstore.Event, len(prepared))
 	for i, p := range prepared {
-		s.lastPos++
-		e := &eventstore.Event{
-			StreamID:    streamID,
-			Version:     current + eventstore.Version(i) + 1,
-			Position:    eventstore.Position{TxID: s.lastTx, GlobalPosition: s.lastPos},
-			ID:          p.ID,
-			Type:        p.Type,
-			Data:        bytes.Clone(p.Data),
-			ContentType: p.ContentType,
-			Metadata:    cloneMetadata(p.Metadata),
-			RecordedAt:  now,
-		}
+		e := s.newEvent(streamID, current+eventstore.Version(i)+1, s.lastTx, p, now)
 		added[i] = e
 		st.events = append(st.events, e)
 		s.byID[e.ID] = e
@@ -261,24 +250,29 @@ func (tx *Tx) append(ctx context.Context, streamID string, expected eventstore.E
 	}
 	now := s.now()
 	for i, p := range prepared {
-		s.lastPos++
-		e := &eventstore.Event{
-			StreamID:    streamID,
-			Version:     current + eventstore.Version(i) + 1,
-			Position:    eventstore.Position{TxID: tx.id, GlobalPosition: s.lastPos},
-			ID:          p.ID,
-			Type:        p.Type,
-			Data:        bytes.Clone(p.Data),
-			ContentType: p.ContentType,
-			Metadata:    cloneMetadata(p.Metadata),
-			RecordedAt:  now,
-		}
+		e := s.newEvent(streamID, current+eventstore.Version(i)+1, tx.id, p, now)
 		mine = append(mine, e)
 		s.pending[p.ID] = tx
 	}
 	tx.writes[streamID] = mine
 	added := mine[len(mine)-len(prepared):]
 	return result(added), nil
+}
+
+// newEvent stores a copy of p at the next global position. Called with s.mu held.
+func (s *Store) newEvent(streamID string, v eventstore.Version, txID uint64, p eventstore.PreparedEvent, now time.Time) *eventstore.Event {
+	s.lastPos++
+	return &eventstore.Event{
+		StreamID:    streamID,
+		Version:     v,
+		Position:    eventstore.Position{TxID: txID, GlobalPosition: s.lastPos},
+		ID:          p.ID,
+		Type:        p.Type,
+		Data:        bytes.Clone(p.Data),
+		ContentType: p.ContentType,
+		Metadata:    cloneMetadata(p.Metadata),
+		RecordedAt:  now,
+	}
 }
 
 // pendingOwner returns another open transaction writing one of the ids.
