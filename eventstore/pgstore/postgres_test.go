@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/jmoiron/sqlx"
 
@@ -248,4 +249,126 @@ func TestGroupCommitKeepsOutcomesApart(t *testing.T) {
 			}
 		}
 	})
+}
+
+// TestLosingAStreamCreationRaceStillAppends: a transaction that waits for
+// another to create the same new stream appends behind it once it commits,
+// instead of being refused.
+func TestLosingAStreamCreationRaceStillAppends(t *testing.T) {
+	forEachDriver(t, func(t *testing.T, db *sqlx.DB) {
+		ctx := context.Background()
+		s := newStore(t, db, pgstore.Config{})
+		first, err := db.BeginTxx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer first.Rollback()
+		if _, err := s.AppendTx(ctx, first, "new-1", eventstore.NoStream, eventstoretest.Evs("created", 1)); err != nil {
+			t.Fatal(err)
+		}
+		second, err := db.BeginTxx(ctx, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer second.Rollback()
+		var pid int
+		if err := second.GetContext(ctx, &pid, `SELECT pg_backend_pid()`); err != nil {
+			t.Fatal(err)
+		}
+		type outcome struct {
+			res eventstore.AppendResult
+			err error
+		}
+		done := make(chan outcome, 1)
+		go func() {
+			res, err := s.AppendTx(ctx, second, "new-1", eventstore.Any, eventstoretest.Evs("joined", 1))
+			done <- outcome{res, err}
+		}()
+		waitUntilBlocked(t, db, pid)
+		if err := first.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		o := <-done
+		if o.err != nil || o.res.FirstVersion != 2 {
+			t.Fatalf("the waiting append got %+v, %v; want version 2", o.res, o.err)
+		}
+		if err := second.Commit(); err != nil {
+			t.Fatal(err)
+		}
+		if v, _ := s.StreamVersion(ctx, "new-1"); v != 2 {
+			t.Fatalf("new-1 at version %d, want 2", v)
+		}
+	})
+}
+
+// waitUntilBlocked waits until backend pid waits for a lock.
+func waitUntilBlocked(t *testing.T, db *sqlx.DB, pid int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		var waiting bool
+		if err := db.Get(&waiting, `SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1`, pid); err != nil {
+			t.Fatal(err)
+		}
+		if waiting {
+			return
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	t.Fatalf("backend %d never waited for a lock", pid)
+}
+
+// TestAppendOutcomesAroundCancelAndClose: an append whose context is already
+// done writes nothing; Close lets queued appends finish, and every append
+// that reported success is stored.
+func TestAppendOutcomesAroundCancelAndClose(t *testing.T) {
+	db := testdb.Open(t, "postgres")
+	ctx := context.Background()
+	s := newStore(t, db, pgstore.Config{})
+	cancelled, cancel := context.WithCancel(ctx)
+	cancel()
+	if _, err := s.Append(cancelled, "cancel-1", eventstore.Any, eventstoretest.Evs("e", 1)); !errors.Is(err, context.Canceled) {
+		t.Fatalf("append with a done context: %v", err)
+	}
+	if v, _ := s.StreamVersion(ctx, "cancel-1"); v != 0 {
+		t.Fatalf("an append with a done context was stored (version %d)", v)
+	}
+
+	const n = 64
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			_, errs[i] = s.Append(ctx, fmt.Sprintf("close-%d", i), eventstore.NoStream, eventstoretest.Evs("e", 1))
+		})
+	}
+	time.Sleep(time.Millisecond) // let some of them queue
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	wg.Wait()
+	reader, err := pgstore.New(db, &pgstore.Config{Schema: s.Schema(), DisableGroupCommit: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer reader.Close()
+	stored := 0
+	for i, err := range errs {
+		v, verr := reader.StreamVersion(ctx, fmt.Sprintf("close-%d", i))
+		if verr != nil {
+			t.Fatal(verr)
+		}
+		switch {
+		case err == nil && v != 1:
+			t.Errorf("append %d reported success but is not stored", i)
+		case errors.Is(err, pgstore.ErrClosed) && v != 0:
+			t.Errorf("append %d was refused as closed but is stored", i)
+		case err != nil && !errors.Is(err, pgstore.ErrClosed):
+			t.Errorf("append %d: %v", i, err)
+		}
+		if v == 1 {
+			stored++
+		}
+	}
+	t.Logf("%d of %d appends landed before Close", stored, n)
 }
