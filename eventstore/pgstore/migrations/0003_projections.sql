@@ -1,0 +1,24 @@
+-- Projection checkpoints and dead letters (package projection). A checkpoint
+-- is a feed position: the (transaction id, global position) pair.
+CREATE TABLE {{schema}}.projection_checkpoints (
+  name           text        PRIMARY KEY,
+  transaction_id xid8        NOT NULL DEFAULT '0',
+  position       bigint      NOT NULL DEFAULT 0,
+  updated_at     timestamptz NOT NULL DEFAULT now()
+);
+
+CREATE TABLE {{schema}}.projection_dead_letters (
+  id             bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+  projection     text        NOT NULL,
+  stream_id      text        NOT NULL,
+  version        bigint      NOT NULL,
+  transaction_id xid8        NOT NULL,
+  position       bigint      NOT NULL,
+  event_id       uuid        NOT NULL,
+  event_type     text        NOT NULL,
+  error          text        NOT NULL,
+  attempts       int         NOT NULL,
+  failed_at      timestamptz NOT NULL DEFAULT now(),
+  retry_requested_at timestamptz,            -- set by `stele dlq retry`; the running projection retries it
+  UNIQUE (projection, event_id)
+);

@@ -1,0 +1,457 @@
+package projection
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/stele-dev/stele/eventstore"
+)
+
+// Runner feeds one projection. Start it, Stop it; Status says how far it is.
+type Runner struct {
+	store eventstore.Store
+	h     Handler   // nil for a TxHandler
+	th    TxHandler // nil for a Handler
+	cfg   Config
+	sql   queries
+
+	mu      sync.Mutex
+	state   State
+	pos     eventstore.Position
+	err     error
+	parked  []DeadLetter // without a DB
+	cancel  context.CancelFunc
+	done    chan struct{}
+	started bool
+}
+
+// NewRunner returns a runner that feeds handler (a Handler or a TxHandler)
+// from store.
+func NewRunner(store eventstore.Store, handler any, cfg Config) (*Runner, error) {
+	r := &Runner{store: store, state: StateIdle}
+	switch h := handler.(type) {
+	case TxHandler:
+		r.th = h
+	case Handler:
+		r.h = h
+	default:
+		return nil, fmt.Errorf("projection: NewRunner: handler %T is neither a Handler nor a TxHandler", handler)
+	}
+	if store == nil {
+		return nil, errors.New("projection: NewRunner: store is nil")
+	}
+	var err error
+	if r.cfg, err = cfg.withDefaults(r.th != nil); err != nil {
+		return nil, err
+	}
+	if r.cfg.DB != nil {
+		if r.sql, err = newQueries(r.cfg.Schema); err != nil {
+			return nil, err
+		}
+	}
+	return r, nil
+}
+
+// Start begins feeding in the background and returns at once. The runner
+// first waits for the lease (with a DB), then catches up from its checkpoint
+// and follows the feed live until Stop, ctx's end, or a failure under
+// PolicyStop.
+func (r *Runner) Start(ctx context.Context) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.started {
+		return errors.New("projection: runner already started")
+	}
+	r.started = true
+	ctx, r.cancel = context.WithCancel(ctx)
+	r.done = make(chan struct{})
+	go func() {
+		defer close(r.done)
+		r.run(ctx)
+	}()
+	return nil
+}
+
+// Stop ends the runner and waits for it (or for ctx). Stopping twice is fine.
+func (r *Runner) Stop(ctx context.Context) error {
+	r.mu.Lock()
+	if !r.started {
+		r.mu.Unlock()
+		return nil
+	}
+	r.cancel()
+	done := r.done
+	r.mu.Unlock()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Done is closed when the runner has ended; Err then says why if it failed.
+func (r *Runner) Done() <-chan struct{} {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.done
+}
+
+// Err is the failure that stopped the runner, if any.
+func (r *Runner) Err() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.err
+}
+
+func (r *Runner) setState(s State) {
+	r.mu.Lock()
+	r.state = s
+	r.mu.Unlock()
+}
+
+func (r *Runner) run(ctx context.Context) {
+	for ctx.Err() == nil {
+		err := r.session(ctx)
+		if ctx.Err() != nil {
+			break
+		}
+		var fatal *failedError
+		if errors.As(err, &fatal) {
+			r.mu.Lock()
+			r.state, r.err = StateFailed, fatal.err
+			r.mu.Unlock()
+			r.cfg.Logger.Error("projection stopped", "projection", r.cfg.Name, "err", fatal.err)
+			return
+		}
+		// The database went away or the lease was lost: start over.
+		r.cfg.Logger.Warn("projection session ended; retrying", "projection", r.cfg.Name, "err", err)
+		if !sleep(ctx, r.cfg.LeaseRetry) {
+			break
+		}
+	}
+	r.setState(StateStopped)
+}
+
+// failedError is an event that failed every retry under PolicyStop.
+type failedError struct{ err error }
+
+func (e *failedError) Error() string { return e.err.Error() }
+
+// session holds the lease (with a DB) and feeds until an error.
+func (r *Runner) session(ctx context.Context) error {
+	var conn *sqlx.Conn
+	if r.cfg.DB != nil {
+		r.setState(StateWaiting)
+		var err error
+		if conn, err = r.acquireLease(ctx); err != nil {
+			return err
+		}
+		defer conn.Close() // closing the connection releases the lease
+	}
+	pos, err := r.loadCheckpoint(ctx, conn)
+	if err != nil {
+		return err
+	}
+	r.mu.Lock()
+	r.pos, r.state = pos, StateRunning
+	r.mu.Unlock()
+	read := eventstore.ReadAllOpts{After: pos, Category: r.cfg.Category, Limit: r.cfg.BatchSize}
+	var lastRetryCheck time.Time
+	for {
+		wake := r.store.WaitForAppend()
+		page, err := r.store.ReadAll(ctx, read)
+		if err != nil {
+			return fmt.Errorf("reading the feed after %s: %w", read.After, err)
+		}
+		if conn != nil && time.Since(lastRetryCheck) > time.Second {
+			lastRetryCheck = time.Now()
+			r.retryRequested(ctx)
+		}
+		if len(page) == 0 {
+			select {
+			case <-ctx.Done():
+				return ctx.Err()
+			case <-wake:
+				continue
+			case <-time.After(retryRequestPoll):
+				continue
+			}
+		}
+		if r.th != nil {
+			err = r.txBatch(ctx, conn, page)
+		} else {
+			err = r.batch(ctx, conn, page)
+		}
+		if err != nil {
+			return err
+		}
+		read.After = page[len(page)-1].Position
+		r.mu.Lock()
+		r.pos = read.After
+		r.mu.Unlock()
+	}
+}
+
+// retryRequestPoll bounds how long a requested dead-letter retry waits while
+// the projection is idle.
+const retryRequestPoll = 2 * time.Second
+
+// retryRequested handles the dead letters an operator asked to retry. A
+// failure leaves the dead letter with its new error, not the runner stopped.
+func (r *Runner) retryRequested(ctx context.Context) {
+	var ids []int64
+	if err := r.cfg.DB.SelectContext(ctx, &ids, r.sql.requested, r.cfg.Name); err != nil {
+		r.cfg.Logger.Warn("projection: reading retry requests failed", "projection", r.cfg.Name, "err", err)
+		return
+	}
+	var handler any = r.h
+	if r.th != nil {
+		handler = r.th
+	}
+	for _, id := range ids {
+		err := retryDeadLetter(ctx, r.sql, r.store, r.cfg.DB, id, handler)
+		if err != nil {
+			r.cfg.DB.ExecContext(ctx, `UPDATE `+r.sql.table+` SET retry_requested_at = NULL, error = $2, attempts = attempts + 1, failed_at = now() WHERE id = $1`, id, err.Error())
+		}
+		r.cfg.Logger.Info("projection retried a dead letter", "projection", r.cfg.Name, "id", id, "err", err)
+	}
+}
+
+// acquireLease takes the projection's advisory lock on a connection of its
+// own, waiting while another runner holds it. The runner writes through this
+// connection, so one that lost its connection (and with it the lease) can no
+// longer write: fencing.
+func (r *Runner) acquireLease(ctx context.Context) (*sqlx.Conn, error) {
+	for {
+		conn, err := r.cfg.DB.Connx(ctx)
+		if err != nil {
+			return nil, fmt.Errorf("connecting for the lease: %w", err)
+		}
+		var got bool
+		err = conn.GetContext(ctx, &got, `SELECT pg_try_advisory_lock(hashtextextended($1, 0))`, r.sql.leaseKey+":"+r.cfg.Name)
+		if err == nil && got {
+			r.cfg.Logger.Info("projection lease taken", "projection", r.cfg.Name)
+			return conn, nil
+		}
+		conn.Close()
+		if err != nil {
+			return nil, fmt.Errorf("taking the lease: %w", err)
+		}
+		if !sleep(ctx, r.cfg.LeaseRetry) {
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// batch hands a page to a Handler (at least once) and then checkpoints it.
+func (r *Runner) batch(ctx context.Context, conn *sqlx.Conn, page []eventstore.Event) error {
+	for _, e := range page {
+		err := r.retry(ctx, func() error { return r.h.Handle(ctx, e) })
+		if err == nil {
+			continue
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if r.cfg.Policy == PolicyStop {
+			// Checkpoint what went through, so a restart resumes at e.
+			if cerr := r.saveCheckpoint(ctx, conn, e.Position, true); cerr != nil {
+				return cerr
+			}
+			return &failedError{fmt.Errorf("projection %s: %s v%d (%s) at %s: %w", r.cfg.Name, e.StreamID, e.Version, e.Type, e.Position, err)}
+		}
+		if err := r.park(ctx, conn, nil, e, err); err != nil {
+			return err
+		}
+	}
+	return r.saveCheckpoint(ctx, conn, page[len(page)-1].Position, false)
+}
+
+// txBatch handles a page in one transaction with its checkpoint. If a handler
+// fails, the page is rolled back and handled again one event per transaction,
+// so the failing event is retried (and parked or stopped at) by itself.
+func (r *Runner) txBatch(ctx context.Context, conn *sqlx.Conn, page []eventstore.Event) error {
+	err := r.inTx(ctx, conn, func(tx *sqlx.Tx) error {
+		for _, e := range page {
+			if err := r.th.HandleTx(ctx, tx, e); err != nil {
+				return &handlerError{err}
+			}
+		}
+		return r.sql.saveCheckpoint(ctx, tx, r.cfg.Name, page[len(page)-1].Position)
+	})
+	var he *handlerError
+	if err == nil || !errors.As(err, &he) {
+		return err
+	}
+	for _, e := range page {
+		err := r.retry(ctx, func() error {
+			return r.inTx(ctx, conn, func(tx *sqlx.Tx) error {
+				if err := r.th.HandleTx(ctx, tx, e); err != nil {
+					return err
+				}
+				return r.sql.saveCheckpoint(ctx, tx, r.cfg.Name, e.Position)
+			})
+		})
+		if err == nil {
+			continue
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if r.cfg.Policy == PolicyStop {
+			return &failedError{fmt.Errorf("projection %s: %s v%d (%s) at %s: %w", r.cfg.Name, e.StreamID, e.Version, e.Type, e.Position, err)}
+		}
+		if err := r.inTx(ctx, conn, func(tx *sqlx.Tx) error {
+			if err := r.park(ctx, nil, tx, e, err); err != nil {
+				return err
+			}
+			return r.sql.saveCheckpoint(ctx, tx, r.cfg.Name, e.Position)
+		}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+type handlerError struct{ err error }
+
+func (e *handlerError) Error() string { return e.err.Error() }
+func (e *handlerError) Unwrap() error { return e.err }
+
+func (r *Runner) inTx(ctx context.Context, conn *sqlx.Conn, fn func(*sqlx.Tx) error) error {
+	tx, err := conn.BeginTxx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		tx.Rollback()
+		return err
+	}
+	return tx.Commit()
+}
+
+// retry runs fn until it succeeds, ctx ends, or Config.Retries retries have
+// failed, waiting with exponential backoff and full jitter between tries.
+func (r *Runner) retry(ctx context.Context, fn func() error) error {
+	wait := r.cfg.Backoff
+	for attempt := 0; ; attempt++ {
+		err := fn()
+		if err == nil || attempt == r.cfg.Retries || ctx.Err() != nil {
+			return err
+		}
+		if !sleep(ctx, rand.N(wait)+time.Millisecond) {
+			return err
+		}
+		wait = min(2*wait, r.cfg.MaxBackoff)
+	}
+}
+
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}
+
+func (r *Runner) loadCheckpoint(ctx context.Context, conn *sqlx.Conn) (eventstore.Position, error) {
+	if conn == nil {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return r.pos, nil
+	}
+	return r.sql.loadCheckpoint(ctx, conn, r.cfg.Name)
+}
+
+// saveCheckpoint records pos; with before, the checkpoint goes just before
+// pos (a failed event is handled again on restart).
+func (r *Runner) saveCheckpoint(ctx context.Context, conn *sqlx.Conn, pos eventstore.Position, before bool) error {
+	if before {
+		r.mu.Lock()
+		pos = r.pos // the last page's end: every event before the failed one of this page is handled again (at least once)
+		r.mu.Unlock()
+	}
+	if conn == nil {
+		r.mu.Lock()
+		r.pos = pos
+		r.mu.Unlock()
+		return nil
+	}
+	return r.sql.saveCheckpoint(ctx, conn, r.cfg.Name, pos)
+}
+
+// park records e as a dead letter, in tx or conn (or memory without a DB).
+func (r *Runner) park(ctx context.Context, conn *sqlx.Conn, tx *sqlx.Tx, e eventstore.Event, cause error) error {
+	r.cfg.Logger.Warn("projection parked an event", "projection", r.cfg.Name, "stream", e.StreamID, "version", e.Version, "err", cause)
+	attempts := r.cfg.Retries + 1
+	switch {
+	case tx != nil:
+		return r.sql.park(ctx, tx, r.cfg.Name, e, cause, attempts)
+	case conn != nil:
+		return r.sql.park(ctx, conn, r.cfg.Name, e, cause, attempts)
+	}
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.parked = append(r.parked, DeadLetter{
+		ID: int64(len(r.parked) + 1), Projection: r.cfg.Name, StreamID: e.StreamID, Version: e.Version,
+		Position: e.Position, EventID: e.ID.String(), EventType: e.Type, Error: cause.Error(),
+		Attempts: attempts, FailedAt: time.Now(),
+	})
+	return nil
+}
+
+// Status reports the runner's position, lag, state and dead letters.
+func (r *Runner) Status(ctx context.Context) (Status, error) {
+	r.mu.Lock()
+	st := Status{Name: r.cfg.Name, State: r.state, Position: r.pos, Err: r.err, DeadLetters: len(r.parked)}
+	r.mu.Unlock()
+	if r.cfg.DB != nil {
+		n, err := r.sql.countDeadLetters(ctx, r.cfg.DB, r.cfg.Name)
+		if err != nil {
+			return st, err
+		}
+		st.DeadLetters = n
+	}
+	lag, age, err := Lag(ctx, r.store, st.Position, r.cfg.Category)
+	st.LagEvents, st.LagSeconds = lag, age
+	return st, err
+}
+
+// maxLagCount caps Lag's count: past it the answer is "at least".
+const maxLagCount = 100_000
+
+// Lag counts the events readable after pos (up to 100,000) and the age in
+// seconds of the first of them (0 when caught up).
+func Lag(ctx context.Context, store eventstore.Store, pos eventstore.Position, category string) (int, float64, error) {
+	n, age := 0, 0.0
+	for e, err := range eventstore.IterAll(ctx, store, eventstore.ReadAllOpts{After: pos, Category: category, Limit: 1000}) {
+		if err != nil {
+			return n, age, err
+		}
+		if n == 0 {
+			age = time.Since(e.RecordedAt).Seconds()
+		}
+		if n++; n == maxLagCount {
+			break
+		}
+	}
+	return n, age, nil
+}
+
+// DeadLetters lists the dead letters parked by a runner without a DB (with a
+// DB, use ListDeadLetters).
+func (r *Runner) DeadLetters() []DeadLetter {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return append([]DeadLetter(nil), r.parked...)
+}
