@@ -76,6 +76,14 @@ type Config struct {
 	Name string
 	// Category, when set, feeds only that category's streams.
 	Category string
+	// From and Since say where a projection with no checkpoint yet starts:
+	// after position From (default: the beginning of the log), and only with
+	// events recorded at or after Since (default: all). Together with a new
+	// Name they replay the log into a fresh read model, for audit, debugging
+	// or time travel. Once a checkpoint exists they are ignored, except that
+	// Since keeps filtering.
+	From  eventstore.Position
+	Since time.Time
 	// BatchSize is how many events are read, handled and checkpointed
 	// together. Defaults to 100.
 	BatchSize int

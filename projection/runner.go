@@ -162,7 +162,7 @@ func (r *Runner) session(ctx context.Context) error {
 	r.mu.Lock()
 	r.pos, r.state = pos, StateRunning
 	r.mu.Unlock()
-	read := eventstore.ReadAllOpts{After: pos, Category: r.cfg.Category, Limit: r.cfg.BatchSize}
+	read := eventstore.ReadAllOpts{After: pos, Category: r.cfg.Category, Since: r.cfg.Since, Limit: r.cfg.BatchSize}
 	var lastRetryCheck time.Time
 	for {
 		wake := r.store.WaitForAppend()
@@ -368,9 +368,16 @@ func (r *Runner) loadCheckpoint(ctx context.Context, conn *sqlx.Conn) (eventstor
 	if conn == nil {
 		r.mu.Lock()
 		defer r.mu.Unlock()
+		if r.pos == eventstore.Start {
+			return r.cfg.From, nil
+		}
 		return r.pos, nil
 	}
-	return r.sql.loadCheckpoint(ctx, conn, r.cfg.Name)
+	p, err := r.sql.loadCheckpoint(ctx, conn, r.cfg.Name)
+	if err == nil && p == eventstore.Start {
+		p = r.cfg.From
+	}
+	return p, err
 }
 
 // saveCheckpoint records pos; with before, the checkpoint goes just before
