@@ -58,6 +58,14 @@ func (f TxHandlerFunc) HandleTx(ctx context.Context, tx *sqlx.Tx, e eventstore.E
 	return f(ctx, tx, e)
 }
 
+// BatchTxHandler is a TxHandler that takes a whole batch at once, to write
+// the read model set-based (one multi-row statement instead of one per
+// event): what a rebuild over millions of events needs. If a batch fails,
+// the runner hands it the events one at a time.
+type BatchTxHandler interface {
+	HandleBatchTx(ctx context.Context, tx *sqlx.Tx, events []eventstore.Event) error
+}
+
 // Policy says what happens to an event whose handler fails every retry.
 type Policy int
 

@@ -188,14 +188,21 @@ func retryDeadLetter(ctx context.Context, q queries, store eventstore.Store, db 
 		return fmt.Errorf("projection: dead letter %d: event %s v%d not found in the store (%v)", id, d.StreamID, d.Version, err)
 	}
 	e := page[0]
+	var txh BatchTxHandler
 	switch h := handler.(type) {
+	case BatchTxHandler:
+		txh = h
 	case TxHandler:
+		txh = oneByOne{h}
+	}
+	switch h := handler.(type) {
+	case BatchTxHandler, TxHandler:
 		tx, err := db.BeginTxx(ctx, nil)
 		if err != nil {
 			return err
 		}
 		defer tx.Rollback()
-		if err := h.HandleTx(ctx, tx, e); err != nil {
+		if err := txh.HandleBatchTx(ctx, tx, []eventstore.Event{e}); err != nil {
 			return fmt.Errorf("projection: retrying dead letter %d: %w", id, err)
 		}
 		if _, err := tx.ExecContext(ctx, q.deleteDL, id); err != nil {

@@ -16,8 +16,8 @@ import (
 // Runner feeds one projection. Start it, Stop it; Status says how far it is.
 type Runner struct {
 	store eventstore.Store
-	h     Handler   // nil for a TxHandler
-	th    TxHandler // nil for a Handler
+	h     Handler        // nil for a TxHandler
+	th    BatchTxHandler // nil for a Handler
 	cfg   Config
 	sql   queries
 
@@ -31,13 +31,15 @@ type Runner struct {
 	started bool
 }
 
-// NewRunner returns a runner that feeds handler (a Handler or a TxHandler)
-// from store.
+// NewRunner returns a runner that feeds handler (a Handler, a TxHandler or
+// a BatchTxHandler) from store.
 func NewRunner(store eventstore.Store, handler any, cfg Config) (*Runner, error) {
 	r := &Runner{store: store, state: StateIdle}
 	switch h := handler.(type) {
-	case TxHandler:
+	case BatchTxHandler:
 		r.th = h
+	case TxHandler:
+		r.th = oneByOne{h}
 	case Handler:
 		r.h = h
 	default:
@@ -214,6 +216,9 @@ func (r *Runner) retryRequested(ctx context.Context) {
 	var handler any = r.h
 	if r.th != nil {
 		handler = r.th
+		if o, ok := r.th.(oneByOne); ok {
+			handler = o.h
+		}
 	}
 	for _, id := range ids {
 		err := retryDeadLetter(ctx, r.sql, r.store, r.cfg.DB, id, handler)
@@ -279,10 +284,8 @@ func (r *Runner) batch(ctx context.Context, conn *sqlx.Conn, page []eventstore.E
 // so the failing event is retried (and parked or stopped at) by itself.
 func (r *Runner) txBatch(ctx context.Context, conn *sqlx.Conn, page []eventstore.Event) error {
 	err := r.inTx(ctx, conn, func(tx *sqlx.Tx) error {
-		for _, e := range page {
-			if err := r.th.HandleTx(ctx, tx, e); err != nil {
-				return &handlerError{err}
-			}
+		if err := r.th.HandleBatchTx(ctx, tx, page); err != nil {
+			return &handlerError{err}
 		}
 		return r.sql.saveCheckpoint(ctx, tx, r.cfg.Name, page[len(page)-1].Position)
 	})
@@ -293,7 +296,7 @@ func (r *Runner) txBatch(ctx context.Context, conn *sqlx.Conn, page []eventstore
 	for _, e := range page {
 		err := r.retry(ctx, func() error {
 			return r.inTx(ctx, conn, func(tx *sqlx.Tx) error {
-				if err := r.th.HandleTx(ctx, tx, e); err != nil {
+				if err := r.th.HandleBatchTx(ctx, tx, []eventstore.Event{e}); err != nil {
 					return err
 				}
 				return r.sql.saveCheckpoint(ctx, tx, r.cfg.Name, e.Position)
@@ -314,6 +317,18 @@ func (r *Runner) txBatch(ctx context.Context, conn *sqlx.Conn, page []eventstore
 			}
 			return r.sql.saveCheckpoint(ctx, tx, r.cfg.Name, e.Position)
 		}); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// oneByOne runs a TxHandler as a BatchTxHandler.
+type oneByOne struct{ h TxHandler }
+
+func (o oneByOne) HandleBatchTx(ctx context.Context, tx *sqlx.Tx, events []eventstore.Event) error {
+	for _, e := range events {
+		if err := o.h.HandleTx(ctx, tx, e); err != nil {
 			return err
 		}
 	}

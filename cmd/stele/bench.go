@@ -31,7 +31,7 @@ func newBenchCmd(g *globalOpts) *cobra.Command {
 	var linger time.Duration
 	cmd := &cobra.Command{
 		Use:   "bench",
-		Short: "Run the standard workloads (W1–W4) and report throughput and latency",
+		Short: "Run the standard workloads (W1–W6) and report throughput and latency",
 		Long: `Run the standard workloads of BENCHMARK.md. Each run of a workload uses a fresh
 schema (created and dropped here) or a fresh in-memory store. With --runs N the median of N
 runs is reported; with --raw-limit PATH the raw-PostgreSQL limit is measured first by that
@@ -77,7 +77,7 @@ With --json, one JSON object per workload is printed on a line of its own.`,
 					var err error
 					switch storeKind {
 					case "memory":
-						res, err = bench.Run(ctx, memstore.New(nil), name, scale)
+						res, err = bench.Run(ctx, memstore.New(nil), bench.DB{}, name, scale)
 						res.Store = "memory"
 					case "postgres":
 						c := cfg
@@ -105,7 +105,7 @@ With --json, one JSON object per workload is printed on a line of its own.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringVar(&workload, "workload", "all", "W1, W2, W3, W4 or all")
+	f.StringVar(&workload, "workload", "all", "W1 to W6, or all")
 	f.StringVar(&storeKind, "store", "postgres", "memory or postgres")
 	f.Float64Var(&scale, "scale", 1, "multiply every workload's event count (0.1 for a smoke run; never quote those)")
 	f.IntVar(&runs, "runs", 1, "run each workload N times and report the medians")
@@ -158,7 +158,7 @@ func benchPostgres(ctx context.Context, g *globalOpts, name string, scale float6
 	}
 	defer store.Close()
 	var s eventstore.Store = store
-	return bench.Run(ctx, s, name, scale)
+	return bench.Run(ctx, s, bench.DB{DB: db, Schema: cfg.Schema}, name, scale)
 }
 
 func printTable(w io.Writer, results []bench.Summary) {

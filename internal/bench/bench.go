@@ -39,11 +39,12 @@ type Result struct {
 }
 
 // Workloads lists the workloads in the order `--workload all` runs them.
-var Workloads = []string{"W1", "W2", "W3", "W4"}
+var Workloads = []string{"W1", "W2", "W3", "W4", "W5", "W6"}
 
 // Run runs one workload on store, which must be empty. scale shrinks or
-// grows the event counts (0.1 for a smoke run).
-func Run(ctx context.Context, store eventstore.Store, workload string, scale float64) (Result, error) {
+// grows the event counts (0.1 for a smoke run). db holds W5's and W6's read
+// model (the store's schema); zero for the in-memory store.
+func Run(ctx context.Context, store eventstore.Store, db DB, workload string, scale float64) (Result, error) {
 	n := func(x int) int { return max(1, int(float64(x)*scale)) }
 	switch strings.ToUpper(workload) {
 	case "W1":
@@ -54,8 +55,12 @@ func Run(ctx context.Context, store eventstore.Store, workload string, scale flo
 		return readAll(ctx, store, n(180_000))
 	case "W4":
 		return loadStream(ctx, store, 1000, 20)
+	case "W5":
+		return rebuild(ctx, store, db, n(1_000_000))
+	case "W6":
+		return liveLatency(ctx, store, db, n(80_000))
 	}
-	return Result{}, fmt.Errorf("bench: unknown workload %q (want W1, W2, W3 or W4)", workload)
+	return Result{}, fmt.Errorf("bench: unknown workload %q (want W1 to W6)", workload)
 }
 
 func events(k int) []eventstore.EventData {
@@ -70,6 +75,12 @@ func events(k int) []eventstore.EventData {
 // in turn, perEvent events per append with an exact expected version, until
 // total events are written. No two writers share a stream.
 func writers(ctx context.Context, store eventstore.Store, name, prefix string, nWriters, perAppend, total int) (Result, error) {
+	return writersHook(ctx, store, name, prefix, nWriters, perAppend, total, nil)
+}
+
+// writersHook is writers, calling appended (if set) with each append's last
+// position as soon as it returns.
+func writersHook(ctx context.Context, store eventstore.Store, name, prefix string, nWriters, perAppend, total int, appended func(eventstore.Position)) (Result, error) {
 	const streams = 1000
 	appendsPerWriter := max(1, total/perAppend/nWriters)
 	lat := make([][]time.Duration, nWriters)
@@ -92,6 +103,9 @@ func writers(ctx context.Context, store eventstore.Store, name, prefix string, n
 					return
 				}
 				lat[w] = append(lat[w], time.Since(t0))
+				if appended != nil {
+					appended(res.LastPosition)
+				}
 				versions[k] = res.LastVersion
 				if lasts[w].Less(res.LastPosition) {
 					lasts[w] = res.LastPosition
