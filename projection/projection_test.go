@@ -319,19 +319,25 @@ func TestPoisonEvent(t *testing.T) {
 	}
 }
 
-// TestTakeover: of two runners with one name, one works; when it stops, the
-// other takes over from its checkpoint within seconds and nothing is applied
-// twice.
+// TestTakeover: of two runners with one name (as in two processes: each with
+// its own connection pool), one works; when it stops, the other takes over
+// from its checkpoint within seconds and nothing is applied twice.
 func TestTakeover(t *testing.T) {
 	db := testdb.Open(t, "postgres")
+	other, err := sqlx.Open("postgres", testdb.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
 	ctx := context.Background()
 	store, schema := pgSetup(t, db)
 	var handledBy [2]atomic.Int64
+	pools := [2]*sqlx.DB{db, other}
 	runner := func(i int) *projection.Runner {
 		r, err := projection.NewRunner(store, totals(schema, func(eventstore.Event) error {
 			handledBy[i].Add(1)
 			return nil
-		}), projection.Config{Name: "totals", DB: db, Schema: schema, LeaseRetry: 20 * time.Millisecond})
+		}), projection.Config{Name: "totals", DB: pools[i], Schema: schema, LeaseRetry: 20 * time.Millisecond})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -392,4 +398,39 @@ func TestReplayFromAPointIntoAFreshReadModel(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestConcurrentRetriesApplyOnce: two operators retry the same dead letter
+// at once; the event takes effect once.
+func TestConcurrentRetriesApplyOnce(t *testing.T) {
+	db := testdb.Open(t, "postgres")
+	ctx := context.Background()
+	store, schema := pgSetup(t, db)
+	appendN(t, store, "acct", 3)
+	var poison atomic.Bool
+	poison.Store(true)
+	h := totals(schema, func(e eventstore.Event) error {
+		if poison.Load() {
+			return errPoison
+		}
+		return nil
+	})
+	r, _ := projection.NewRunner(store, h, projection.Config{Name: "totals", DB: db, Schema: schema, Policy: projection.PolicyPark, Retries: 1, Backoff: time.Millisecond})
+	r.Start(ctx)
+	waitFor(t, "three dead letters", func() bool { d, _ := projection.ListDeadLetters(ctx, db, schema, "totals"); return len(d) == 3 })
+	r.Stop(ctx)
+	poison.Store(false)
+	dls, _ := projection.ListDeadLetters(ctx, db, schema, "totals")
+	for _, d := range dls {
+		var wg sync.WaitGroup
+		errs := make([]error, 2)
+		for i := range errs {
+			wg.Go(func() { errs[i] = projection.RetryDeadLetter(ctx, store, db, schema, d.ID, h) })
+		}
+		wg.Wait()
+		if (errs[0] == nil) == (errs[1] == nil) || !(errors.Is(errs[0], projection.ErrNoDeadLetter) || errors.Is(errs[1], projection.ErrNoDeadLetter)) {
+			t.Fatalf("two retries of dead letter %d: %v, %v; want one success and one ErrNoDeadLetter", d.ID, errs[0], errs[1])
+		}
+	}
+	checkReadModel(t, db, store, schema)
 }

@@ -176,7 +176,24 @@ func RetryDeadLetter(ctx context.Context, store eventstore.Store, db *sqlx.DB, s
 }
 
 func retryDeadLetter(ctx context.Context, q queries, store eventstore.Store, db *sqlx.DB, id int64, handler any) error {
-	d, err := scanDeadLetter(db.QueryRowxContext(ctx, q.getDL, id))
+	var txh BatchTxHandler
+	switch h := handler.(type) {
+	case BatchTxHandler:
+		txh = h
+	case TxHandler:
+		txh = oneByOne{h}
+	case Handler:
+	default:
+		return fmt.Errorf("projection: handler %T is neither a Handler nor a TxHandler", handler)
+	}
+	tx, err := db.BeginTxx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback()
+	// The row lock makes concurrent retries of one dead letter take turns:
+	// the second finds it gone rather than applying the event again.
+	d, err := scanDeadLetter(tx.QueryRowxContext(ctx, q.getDL+` FOR UPDATE`, id))
 	if errors.Is(err, errNoRows) {
 		return fmt.Errorf("projection: dead letter %d: %w", id, ErrNoDeadLetter)
 	}
@@ -188,33 +205,16 @@ func retryDeadLetter(ctx context.Context, q queries, store eventstore.Store, db 
 		return fmt.Errorf("projection: dead letter %d: event %s v%d not found in the store (%v)", id, d.StreamID, d.Version, err)
 	}
 	e := page[0]
-	var txh BatchTxHandler
-	switch h := handler.(type) {
-	case BatchTxHandler:
-		txh = h
-	case TxHandler:
-		txh = oneByOne{h}
+	if txh != nil {
+		err = txh.HandleBatchTx(ctx, tx, []eventstore.Event{e}) // exactly once, with the delete
+	} else {
+		err = handler.(Handler).Handle(ctx, e) // at least once
 	}
-	switch h := handler.(type) {
-	case BatchTxHandler, TxHandler:
-		tx, err := db.BeginTxx(ctx, nil)
-		if err != nil {
-			return err
-		}
-		defer tx.Rollback()
-		if err := txh.HandleBatchTx(ctx, tx, []eventstore.Event{e}); err != nil {
-			return fmt.Errorf("projection: retrying dead letter %d: %w", id, err)
-		}
-		if _, err := tx.ExecContext(ctx, q.deleteDL, id); err != nil {
-			return err
-		}
-		return tx.Commit()
-	case Handler:
-		if err := h.Handle(ctx, e); err != nil {
-			return fmt.Errorf("projection: retrying dead letter %d: %w", id, err)
-		}
-		_, err := db.ExecContext(ctx, q.deleteDL, id)
+	if err != nil {
+		return fmt.Errorf("projection: retrying dead letter %d: %w", id, err)
+	}
+	if _, err := tx.ExecContext(ctx, q.deleteDL, id); err != nil {
 		return err
 	}
-	return fmt.Errorf("projection: handler %T is neither a Handler nor a TxHandler", handler)
+	return tx.Commit()
 }

@@ -155,7 +155,7 @@ func (r *Runner) session(ctx context.Context) error {
 		if conn, err = r.acquireLease(ctx); err != nil {
 			return err
 		}
-		defer conn.Close() // closing the connection releases the lease
+		defer r.releaseLease(ctx, conn)
 	}
 	pos, err := r.loadCheckpoint(ctx, conn)
 	if err != nil {
@@ -253,6 +253,18 @@ func (r *Runner) acquireLease(ctx context.Context) (*sqlx.Conn, error) {
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// releaseLease unlocks and returns the connection. Returning a connection to
+// the pool does not end its session, so the lock must be let go explicitly;
+// if the connection is broken, the server has already dropped the lock.
+func (r *Runner) releaseLease(ctx context.Context, conn *sqlx.Conn) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, r.sql.leaseKey+":"+r.cfg.Name); err != nil {
+		r.cfg.Logger.Warn("projection: releasing the lease failed", "projection", r.cfg.Name, "err", err)
+	}
+	conn.Close()
 }
 
 // batch hands a page to a Handler (at least once) and then checkpoints it.

@@ -60,6 +60,7 @@ func newRootCmd() *cobra.Command {
 		newMigrateCmd(g),
 		newStreamsCmd(g),
 		newBenchCmd(g),
+		newProjectionsCmd(g), newDLQCmd(g),
 	)
 	return root
 }

@@ -1,6 +1,7 @@
 // Command bank is the worked example of docs/aggregates.md: an Account
 // aggregate with an overdraft rule, deposits, withdrawals and transfers
-// between accounts, with snapshots every 50 events.
+// between accounts, with snapshots every 50 events, and a read model of
+// balances fed by a projection (readmodel.go, docs/projections.md).
 //
 // It runs on the in-memory store by default; give --dsn to use PostgreSQL:
 //
@@ -83,6 +84,12 @@ func run(ctx context.Context, w io.Writer, store eventstore.Store, snaps aggrega
 	if err != nil {
 		return err
 	}
+	// The read model follows the log from the start, live.
+	balances, readModel, err := StartReadModel(ctx, store)
+	if err != nil {
+		return err
+	}
+	defer balances.Stop(context.WithoutCancel(ctx))
 
 	for _, a := range []struct {
 		id, owner        string
@@ -138,5 +145,18 @@ func run(ctx context.Context, w io.Writer, store eventstore.Store, snaps aggrega
 		total += a.Balance
 	}
 	fmt.Fprintf(w, "  total %19d\n", total)
+
+	// The projection runs beside the commands; wait until it has seen them.
+	if err := WaitCaughtUp(ctx, store, balances); err != nil {
+		return err
+	}
+	rows, err := readModel.Balances(ctx)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(w, "read model %q:\n", BalancesProjection)
+	for _, b := range rows {
+		fmt.Fprintf(w, "  %-4s %5d at v%d\n", b.Account, b.Balance, b.Version)
+	}
 	return nil
 }

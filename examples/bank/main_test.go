@@ -36,6 +36,10 @@ balances:
   bob  Bob Bitdiddle    -80
   cy   Cy D. Fect       600
   total                1000
+read model "balances":
+  ada    480 at v4
+  bob    -80 at v5
+  cy     600 at v5
 `
 
 func checkDemo(t *testing.T, store eventstore.Store, snaps aggregate.SnapshotStore) {
