@@ -80,7 +80,7 @@ const (
 // Config tunes a Runner.
 type Config struct {
 	// Name identifies the projection: its checkpoint, dead letters and lease.
-	// Required; [a-z0-9_.-], at most 100 bytes.
+	// Required; [a-z0-9_.@-], at most 100 bytes.
 	Name string
 	// Category, when set, feeds only that category's streams.
 	Category string
@@ -115,12 +115,12 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-var nameRE = regexp.MustCompile(`^[a-z0-9_.-]{1,100}$`)
+var nameRE = regexp.MustCompile(`^[a-z0-9_.@-]{1,100}$`) // '@' joins a name and a rebuild slot
 
 func (c Config) withDefaults(tx bool) (Config, error) {
 	var errs []error
 	if !nameRE.MatchString(c.Name) {
-		errs = append(errs, fmt.Errorf("projection: Config.Name %q: want 1-100 of [a-z0-9_.-]", c.Name))
+		errs = append(errs, fmt.Errorf("projection: Config.Name %q: want 1-100 of [a-z0-9_.@-]", c.Name))
 	}
 	if tx && c.DB == nil {
 		errs = append(errs, errors.New("projection: Config.DB is required for a TxHandler"))

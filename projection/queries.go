@@ -19,6 +19,7 @@ type queries struct {
 	leaseKey, table                          string
 	loadCP, saveCP, parkDL, countDL, listDL  string
 	deleteDL, getDL, requestRetry, requested string
+	setSlot, getSlot                         string
 }
 
 func newQueries(schema string) (queries, error) {
@@ -36,10 +37,13 @@ func newQueries(schema string) (queries, error) {
 		parkDL: `INSERT INTO ` + s + `.projection_dead_letters (projection, stream_id, version, transaction_id, position, event_id, event_type, error, attempts)
 			VALUES ($1, $2, $3, $4::text::xid8, $5, $6, $7, $8, $9)
 			ON CONFLICT (projection, event_id) DO UPDATE SET error = excluded.error, attempts = excluded.attempts, failed_at = now()`,
-		countDL:      `SELECT count(*) FROM ` + s + `.projection_dead_letters WHERE projection = $1`,
-		listDL:       `SELECT ` + dlCols + ` FROM ` + s + `.projection_dead_letters WHERE projection = $1 OR $1 = '' ORDER BY id`,
-		getDL:        `SELECT ` + dlCols + ` FROM ` + s + `.projection_dead_letters WHERE id = $1`,
-		deleteDL:     `DELETE FROM ` + s + `.projection_dead_letters WHERE id = $1`,
+		countDL:  `SELECT count(*) FROM ` + s + `.projection_dead_letters WHERE projection = $1`,
+		listDL:   `SELECT ` + dlCols + ` FROM ` + s + `.projection_dead_letters WHERE projection = $1 OR $1 = '' ORDER BY id`,
+		getDL:    `SELECT ` + dlCols + ` FROM ` + s + `.projection_dead_letters WHERE id = $1`,
+		deleteDL: `DELETE FROM ` + s + `.projection_dead_letters WHERE id = $1`,
+		setSlot: `INSERT INTO ` + s + `.projection_slots (name, slot) VALUES ($1, $2)
+			ON CONFLICT (name) DO UPDATE SET slot = excluded.slot, switched_at = now()`,
+		getSlot:      `SELECT slot FROM ` + s + `.projection_slots WHERE name = $1`,
 		requestRetry: `UPDATE ` + s + `.projection_dead_letters SET retry_requested_at = now() WHERE id = $1`,
 		requested:    `SELECT id FROM ` + s + `.projection_dead_letters WHERE projection = $1 AND retry_requested_at IS NOT NULL ORDER BY id`,
 	}, nil

@@ -22,3 +22,10 @@ CREATE TABLE {{schema}}.projection_dead_letters (
   retry_requested_at timestamptz,            -- set by `stele dlq retry`; the running projection retries it
   UNIQUE (projection, event_id)
 );
+
+-- Which slot (version) of a rebuilt read model readers use (projection.Rebuild).
+CREATE TABLE {{schema}}.projection_slots (
+  name        text        PRIMARY KEY,
+  slot        text        NOT NULL,
+  switched_at timestamptz NOT NULL DEFAULT now()
+);
