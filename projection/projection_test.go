@@ -277,6 +277,12 @@ func TestPoisonEvent(t *testing.T) {
 				if applied != 10 {
 					t.Fatalf("%d events applied before the poison, want 10", applied)
 				}
+				// What `stele projections status` shows from another process.
+				var state, why string
+				db.QueryRow(`SELECT state, coalesce(state_error, '') FROM "`+schema+`".projection_checkpoints WHERE name = 'totals'`).Scan(&state, &why)
+				if state != "failed" || !strings.Contains(why, "poison") {
+					t.Fatalf("recorded state %q (%q), want failed with the error", state, why)
+				}
 				return
 			}
 			waitFor(t, "the runner to pass the poison", func() bool {

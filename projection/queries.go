@@ -19,7 +19,7 @@ type queries struct {
 	leaseKey, table                          string
 	loadCP, saveCP, parkDL, countDL, listDL  string
 	deleteDL, getDL, requestRetry, requested string
-	setSlot, getSlot                         string
+	setSlot, getSlot, setState               string
 }
 
 func newQueries(schema string) (queries, error) {
@@ -44,6 +44,8 @@ func newQueries(schema string) (queries, error) {
 		setSlot: `INSERT INTO ` + s + `.projection_slots (name, slot) VALUES ($1, $2)
 			ON CONFLICT (name) DO UPDATE SET slot = excluded.slot, switched_at = now()`,
 		getSlot:      `SELECT slot FROM ` + s + `.projection_slots WHERE name = $1`,
+		setState: `INSERT INTO ` + s + `.projection_checkpoints (name, state, state_error, state_at) VALUES ($1, $2, $3, now())
+			ON CONFLICT (name) DO UPDATE SET state = excluded.state, state_error = excluded.state_error, state_at = now()`,
 		requestRetry: `UPDATE ` + s + `.projection_dead_letters SET retry_requested_at = now() WHERE id = $1`,
 		requested:    `SELECT id FROM ` + s + `.projection_dead_letters WHERE projection = $1 AND retry_requested_at IS NOT NULL ORDER BY id`,
 	}, nil

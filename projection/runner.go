@@ -112,10 +112,30 @@ func (r *Runner) Err() error {
 	return r.err
 }
 
-func (r *Runner) setState(s State) {
+func (r *Runner) setState(ctx context.Context, s State) {
 	r.mu.Lock()
+	changed := r.state != s
 	r.state = s
+	err := r.err
 	r.mu.Unlock()
+	if changed && r.cfg.DB != nil {
+		r.reportState(ctx, s, err)
+	}
+}
+
+// reportState records the state for `stele projections status`; only the
+// running process knows it. Best effort: the projection does not depend on it.
+func (r *Runner) reportState(ctx context.Context, s State, cause error) {
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	var msg *string
+	if cause != nil {
+		m := cause.Error()
+		msg = &m
+	}
+	if _, err := r.cfg.DB.ExecContext(ctx, r.sql.setState, r.cfg.Name, string(s), msg); err != nil {
+		r.cfg.Logger.Warn("projection: recording state failed", "projection", r.cfg.Name, "state", s, "err", err)
+	}
 }
 
 func (r *Runner) run(ctx context.Context) {
@@ -127,8 +147,9 @@ func (r *Runner) run(ctx context.Context) {
 		var fatal *failedError
 		if errors.As(err, &fatal) {
 			r.mu.Lock()
-			r.state, r.err = StateFailed, fatal.err
+			r.err = fatal.err
 			r.mu.Unlock()
+			r.setState(ctx, StateFailed)
 			r.cfg.Logger.Error("projection stopped", "projection", r.cfg.Name, "err", fatal.err)
 			return
 		}
@@ -138,7 +159,7 @@ func (r *Runner) run(ctx context.Context) {
 			break
 		}
 	}
-	r.setState(StateStopped)
+	r.setState(ctx, StateStopped)
 }
 
 // failedError is an event that failed every retry under PolicyStop.
@@ -150,7 +171,7 @@ func (e *failedError) Error() string { return e.err.Error() }
 func (r *Runner) session(ctx context.Context) error {
 	var conn *sqlx.Conn
 	if r.cfg.DB != nil {
-		r.setState(StateWaiting)
+		r.setState(ctx, StateWaiting)
 		var err error
 		if conn, err = r.acquireLease(ctx); err != nil {
 			return err
@@ -162,8 +183,9 @@ func (r *Runner) session(ctx context.Context) error {
 		return err
 	}
 	r.mu.Lock()
-	r.pos, r.state = pos, StateRunning
+	r.pos = pos
 	r.mu.Unlock()
+	r.setState(ctx, StateRunning)
 	read := eventstore.ReadAllOpts{After: pos, Category: r.cfg.Category, Since: r.cfg.Since, Limit: r.cfg.BatchSize}
 	var lastRetryCheck time.Time
 	for {

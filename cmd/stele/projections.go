@@ -44,9 +44,12 @@ func newProjectionsStatusCmd(g *globalOpts) *cobra.Command {
   DEAD_LETTERS        events parked after their handler failed every retry
   LAST_CHECKPOINT_AT  when the checkpoint last moved
 
-Whether a projection is running, waiting for its lease or failed is known only
-in the process that runs it (Runner.Status). A projection that is caught up
-and idle keeps an old LAST_CHECKPOINT_AT; lag 0 says it is up to date.
+  STATE               running, waiting (for the lease), failed or stopped, as the
+                      runner last reported it; a process that died cannot report,
+                      so check LAG too (--json adds the error and when it changed)
+
+A projection that is caught up and idle keeps an old LAST_CHECKPOINT_AT; lag 0
+says it is up to date.
 
 Lag counts the whole feed. A projection fed one category (Config.Category)
 can show lag for events of other categories that it will never handle.`,
@@ -65,7 +68,7 @@ can show lag for events of other categories that it will never handle.`,
 			w := cmd.OutOrStdout()
 			tw := newTable(w)
 			if !asJSON {
-				fmt.Fprintln(tw, "NAME\tCHECKPOINT\tLAG_EVENTS\tLAG_SECONDS\tDEAD_LETTERS\tLAST_CHECKPOINT_AT")
+				fmt.Fprintln(tw, "NAME\tSTATE\tCHECKPOINT\tLAG_EVENTS\tLAG_SECONDS\tDEAD_LETTERS\tLAST_CHECKPOINT_AT")
 			}
 			for _, p := range rows {
 				if p.LagEvents, p.LagSeconds, err = projection.Lag(ctx, store, p.checkpoint, ""); err != nil {
@@ -74,7 +77,7 @@ can show lag for events of other categories that it will never handle.`,
 				if asJSON {
 					err = writeJSONLine(w, p)
 				} else {
-					_, err = fmt.Fprintf(tw, "%s\t%s\t%s\t%.1f\t%d\t%s\n", p.Name, p.Checkpoint, lagText(p.LagEvents),
+					_, err = fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%.1f\t%d\t%s\n", p.Name, p.State, p.Checkpoint, lagText(p.LagEvents),
 						p.LagSeconds, p.DeadLetters, timeText(p.UpdatedAt))
 				}
 				if err != nil {
@@ -95,6 +98,9 @@ type projectionJSON struct {
 	LagSeconds  float64    `json:"lag_seconds"`
 	DeadLetters int        `json:"dead_letters"`
 	UpdatedAt   *time.Time `json:"last_checkpoint_at"` // null: no checkpoint yet
+	State       string     `json:"state"`              // as the runner last reported it
+	StateError  string     `json:"state_error,omitempty"`
+	StateAt     *time.Time `json:"state_at,omitempty"`
 	checkpoint  eventstore.Position
 }
 
@@ -109,7 +115,7 @@ func loadProjections(ctx context.Context, db *sqlx.DB, schema string) ([]project
 	s := `"` + schema + `"`
 	rows, err := db.QueryContext(ctx, `
 		SELECT coalesce(c.name, d.projection), coalesce(c.transaction_id::text, '0'), coalesce(c.position, 0),
-		       c.updated_at, coalesce(d.n, 0)
+		       c.updated_at, coalesce(d.n, 0), coalesce(c.state, 'idle'), coalesce(c.state_error, ''), c.state_at
 		FROM `+s+`.projection_checkpoints c
 		FULL JOIN (SELECT projection, count(*) AS n FROM `+s+`.projection_dead_letters GROUP BY projection) d
 		       ON d.projection = c.name
@@ -123,7 +129,7 @@ func loadProjections(ctx context.Context, db *sqlx.DB, schema string) ([]project
 		var p projectionJSON
 		var xid string
 		var updated *time.Time
-		if err := rows.Scan(&p.Name, &xid, &p.checkpoint.GlobalPosition, &updated, &p.DeadLetters); err != nil {
+		if err := rows.Scan(&p.Name, &xid, &p.checkpoint.GlobalPosition, &updated, &p.DeadLetters, &p.State, &p.StateError, &p.StateAt); err != nil {
 			return nil, fmt.Errorf("reading projection checkpoints: %w", err)
 		}
 		if p.checkpoint.TxID, err = strconv.ParseUint(xid, 10, 64); err != nil {

@@ -81,8 +81,8 @@ func TestProjectionsAndDLQ(t *testing.T) {
 
 			t.Run("status", func(t *testing.T) {
 				assertRows(t, c.mustRun("projections", "status"), [][]string{
-					{"NAME", "CHECKPOINT", "LAG_EVENTS", "LAG_SECONDS", "DEAD_LETTERS", "LAST_CHECKPOINT_AT"},
-					{"orders", last.String(), "0", "0.0", "1"},
+					{"NAME", "STATE", "CHECKPOINT", "LAG_EVENTS", "LAG_SECONDS", "DEAD_LETTERS", "LAST_CHECKPOINT_AT"},
+					{"orders", "running", last.String(), "0", "0.0", "1"},
 				})
 				var st struct {
 					Name        string     `json:"name"`
@@ -141,8 +141,8 @@ func TestProjectionsAndDLQ(t *testing.T) {
 					t.Errorf("dlq ls after the discard: %q", rows)
 				}
 				assertRows(t, c.mustRun("projections", "status"), [][]string{
-					{"NAME", "CHECKPOINT", "LAG_EVENTS", "LAG_SECONDS", "DEAD_LETTERS", "LAST_CHECKPOINT_AT"},
-					{"orders", last.String(), "0", "0.0", "0"},
+					{"NAME", "STATE", "CHECKPOINT", "LAG_EVENTS", "LAG_SECONDS", "DEAD_LETTERS", "LAST_CHECKPOINT_AT"},
+					{"orders", "running", last.String(), "0", "0.0", "0"},
 				})
 				if handled(parked.EventID) {
 					t.Error("the discarded event is in the read model")

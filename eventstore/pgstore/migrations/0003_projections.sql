@@ -4,7 +4,12 @@ CREATE TABLE {{schema}}.projection_checkpoints (
   name           text        PRIMARY KEY,
   transaction_id xid8        NOT NULL DEFAULT '0',
   position       bigint      NOT NULL DEFAULT 0,
-  updated_at     timestamptz NOT NULL DEFAULT now()
+  updated_at     timestamptz NOT NULL DEFAULT now(),
+  -- The runner's state as it last reported it (waiting, running, failed,
+  -- stopped); a process that died leaves its last word here.
+  state          text        NOT NULL DEFAULT 'idle',
+  state_error    text,
+  state_at       timestamptz
 );
 
 CREATE TABLE {{schema}}.projection_dead_letters (
