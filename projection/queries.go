@@ -43,7 +43,7 @@ func newQueries(schema string) (queries, error) {
 		deleteDL: `DELETE FROM ` + s + `.projection_dead_letters WHERE id = $1`,
 		setSlot: `INSERT INTO ` + s + `.projection_slots (name, slot) VALUES ($1, $2)
 			ON CONFLICT (name) DO UPDATE SET slot = excluded.slot, switched_at = now()`,
-		getSlot:      `SELECT slot FROM ` + s + `.projection_slots WHERE name = $1`,
+		getSlot: `SELECT slot FROM ` + s + `.projection_slots WHERE name = $1`,
 		setState: `INSERT INTO ` + s + `.projection_checkpoints (name, state, state_error, state_at) VALUES ($1, $2, $3, now())
 			ON CONFLICT (name) DO UPDATE SET state = excluded.state, state_error = excluded.state_error, state_at = now()`,
 		requestRetry: `UPDATE ` + s + `.projection_dead_letters SET retry_requested_at = now() WHERE id = $1`,
