@@ -1,5 +1,6 @@
-// Command stele administers a PostgreSQL event store: it migrates the schema
-// and lets you look at streams and follow the global feed.
+// Command stele administers a PostgreSQL event store: it migrates the schema,
+// shows and follows streams, reports projections and their dead letters, and
+// runs the standard benchmarks.
 package main
 
 import (
