@@ -376,10 +376,12 @@ func TestTakeover(t *testing.T) {
 // after it.
 func TestReplayFromAPointIntoAFreshReadModel(t *testing.T) {
 	ctx := context.Background()
-	store := memstore.New(nil)
+	var clock atomic.Int64 // RecordedAt comes from this clock, so the two halves are apart
+	clock.Store(time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC).UnixNano())
+	store := memstore.New(&memstore.Config{Now: func() time.Time { return time.Unix(0, clock.Load()) }})
 	mid := appendN(t, store, "early", 40)
-	time.Sleep(5 * time.Millisecond) // RecordedAt is the clock: make the two halves apart
-	since := time.Now()
+	clock.Add(int64(time.Hour))
+	since := time.Unix(0, clock.Load())
 	last := appendN(t, store, "late", 25)
 	for name, cfg := range map[string]projection.Config{
 		"from-position": {Name: "audit-pos", From: mid},
