@@ -16,7 +16,7 @@ import (
 // queries are the statements over the checkpoint and dead-letter tables of
 // one schema (created by pgstore's migrations).
 type queries struct {
-	leaseKey, table                          string
+	leaseKey, table, rebuilds                string
 	loadCP, saveCP, parkDL, countDL, listDL  string
 	deleteDL, getDL, requestRetry, requested string
 	setSlot, getSlot, setState               string
@@ -31,6 +31,7 @@ func newQueries(schema string) (queries, error) {
 	return queries{
 		leaseKey: "stele.projection:" + schema,
 		table:    s + `.projection_dead_letters`,
+		rebuilds: s + `.projection_rebuilds`,
 		loadCP:   `SELECT transaction_id::text, position FROM ` + s + `.projection_checkpoints WHERE name = $1`,
 		saveCP: `INSERT INTO ` + s + `.projection_checkpoints (name, transaction_id, position, updated_at) VALUES ($1, $2::text::xid8, $3, now())
 			ON CONFLICT (name) DO UPDATE SET transaction_id = excluded.transaction_id, position = excluded.position, updated_at = now()`,

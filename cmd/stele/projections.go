@@ -24,7 +24,7 @@ func newProjectionsCmd(g *globalOpts) *cobra.Command {
 		Use:   "projections",
 		Short: "Show how far each projection has got",
 	}
-	cmd.AddCommand(newProjectionsStatusCmd(g))
+	cmd.AddCommand(newProjectionsStatusCmd(g), newProjectionsRebuildCmd(g))
 	return cmd
 }
 

@@ -141,7 +141,7 @@ func AppRoleGrants(schema, role string) ([]string, error) {
 		`GRANT SELECT, INSERT, UPDATE ON ` + s + `.streams TO ` + r,
 		`GRANT SELECT ON ` + s + `.schema_migrations TO ` + r,
 		`GRANT SELECT, INSERT, UPDATE, DELETE ON ` + s + `.snapshots TO ` + r, // a cache, not history
-		`GRANT SELECT, INSERT, UPDATE, DELETE ON ` + s + `.projection_checkpoints, ` + s + `.projection_dead_letters, ` + s + `.projection_slots TO ` + r,
+		`GRANT SELECT, INSERT, UPDATE, DELETE ON ` + s + `.projection_checkpoints, ` + s + `.projection_dead_letters, ` + s + `.projection_slots, ` + s + `.projection_rebuilds TO ` + r,
 		`GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA ` + s + ` TO ` + r,
 	}, nil
 }

@@ -34,3 +34,17 @@ CREATE TABLE {{schema}}.projection_slots (
   slot        text        NOT NULL,
   switched_at timestamptz NOT NULL DEFAULT now()
 );
+
+-- Rebuild requests from `stele projections rebuild NAME`, and their progress,
+-- written by the application that serves them (projection.ServeRebuilds).
+CREATE TABLE {{schema}}.projection_rebuilds (
+  name         text        PRIMARY KEY,
+  slot         text        NOT NULL,
+  requested_at timestamptz NOT NULL DEFAULT now(),
+  started_at   timestamptz,
+  done         bigint      NOT NULL DEFAULT 0,
+  total        bigint      NOT NULL DEFAULT 0,
+  rate         double precision NOT NULL DEFAULT 0,
+  finished_at  timestamptz,
+  error        text
+);
