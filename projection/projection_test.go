@@ -547,3 +547,34 @@ func TestRebuildWhileAppending(t *testing.T) {
 		t.Error("no progress was reported")
 	}
 }
+
+// TestRebuildOfACategory: a projection fed one category finishes its rebuild
+// even when the newest event of the log is in another category; a slot used
+// before is refused.
+func TestRebuildOfACategory(t *testing.T) {
+	db := testdb.Open(t, "postgres")
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	store, schema := pgSetup(t, db)
+	for _, slot := range []string{"x", "y"} {
+		testdb.Exec(t, db, `CREATE TABLE "`+schema+`".totals_`+slot+` (stream_id text PRIMARY KEY, events int NOT NULL, sum bigint NOT NULL)`)
+	}
+	appendN(t, store, "acct", 30)
+	appendN(t, store, "other", 5) // the newest events are not in the category
+	cfg := projection.RebuildConfig{
+		Config:  projection.Config{Name: "accounts", Category: "acct", DB: db, Schema: schema},
+		Handler: slotted(schema),
+		Switch:  func(context.Context, *sqlx.Tx, string) error { return nil },
+	}
+	r, err := projection.Rebuild(ctx, store, cfg, "x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Stop(context.Background())
+	if got := rows(t, db, `"`+schema+`".totals_x`); strings.Contains(got, "other") || !strings.Contains(got, "acct-0:") {
+		t.Fatalf("rebuilt rows %q", got)
+	}
+	if _, err := projection.Rebuild(ctx, store, cfg, "x"); err == nil {
+		t.Fatal("a rebuild into the current slot was accepted")
+	}
+}

@@ -42,22 +42,39 @@ type Progress struct {
 // with the live feed, and switches readers to it. It returns the slot's
 // runner still running: keep it as the live projection (and stop the one that
 // fed the old slot). Run it with the name SlotName(name, slot) from now on;
-// CurrentSlot tells a restarting process which slot is live.
+// CurrentSlot tells a restarting process which slot is live. The rebuild
+// handles failing events by Config.Policy, as the live projection does. Use
+// a new slot name each time: a slot that was used before is refused.
 func Rebuild(ctx context.Context, store eventstore.Store, cfg RebuildConfig, slot string) (*Runner, error) {
 	if cfg.DB == nil || cfg.Handler == nil || cfg.Switch == nil {
 		return nil, errors.New("projection: Rebuild needs Config.DB, Handler and Switch")
 	}
 	if !nameRE.MatchString(slot) {
-		return nil, fmt.Errorf("projection: slot %q: want 1-100 of [a-z0-9_.-]", slot)
+		return nil, fmt.Errorf("projection: slot %q: want 1-100 of [a-z0-9_.@-]", slot)
 	}
 	base := cfg.Name
+	if cur, err := CurrentSlot(ctx, cfg.DB, cfg.Schema, base); err != nil {
+		return nil, err
+	} else if cur == slot {
+		return nil, fmt.Errorf("projection: %s is already on slot %s; rebuild into a new one", base, slot)
+	}
+	q, err := newQueries(cfg.Schema)
+	if err != nil {
+		return nil, err
+	}
+	// A slot is built once from the start: reusing one would resume it.
+	if p, err := q.loadCheckpoint(ctx, cfg.DB, SlotName(base, slot)); err != nil {
+		return nil, err
+	} else if p != eventstore.Start {
+		return nil, fmt.Errorf("projection: slot %s of %s was used before; rebuild into a new slot", slot, base)
+	}
 	h, err := cfg.Handler(slot)
 	if err != nil {
 		return nil, err
 	}
 	rc := cfg.Config
 	rc.Name = SlotName(base, slot)
-	rc.From, rc.Policy = eventstore.Start, PolicyStop // a rebuild stops on a failing event
+	rc.From = eventstore.Start
 	r, err := NewRunner(store, h, rc)
 	if err != nil {
 		return nil, err
@@ -67,43 +84,46 @@ func Rebuild(ctx context.Context, store eventstore.Store, cfg RebuildConfig, slo
 		return nil, err
 	}
 	start := time.Now()
-	if err := r.Start(ctx); err != nil {
+	// The runner outlives this call as the live projection: it must not end
+	// with the caller's context (a timeout on the rebuild, say).
+	if err := r.Start(context.WithoutCancel(ctx)); err != nil {
 		return nil, err
 	}
 	fail := func(err error) (*Runner, error) {
-		r.Stop(context.WithoutCancel(ctx))
+		stopCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+		defer cancel()
+		r.Stop(stopCtx)
 		return nil, err
 	}
+	var lastLagCheck time.Time
 	for {
-		st, err := r.Status(ctx)
-		if err != nil {
-			return fail(err)
-		}
-		if st.State == StateFailed {
-			return fail(fmt.Errorf("projection: rebuilding %s: %w", rc.Name, st.Err))
+		pos, state, rerr := r.progress()
+		if state == StateFailed {
+			return fail(fmt.Errorf("projection: rebuilding %s: %w", rc.Name, rerr))
 		}
 		if cfg.Progress != nil {
-			done := st.Position.GlobalPosition
+			done := pos.GlobalPosition
 			rate := float64(done) / time.Since(start).Seconds()
-			p := Progress{Done: done, Total: head.GlobalPosition, Rate: rate}
+			p := Progress{Done: min(done, head.GlobalPosition), Total: head.GlobalPosition, Rate: rate}
 			if rate > 0 && head.GlobalPosition > done {
 				p.ETA = time.Duration(float64(head.GlobalPosition-done) / rate * float64(time.Second))
 			}
 			cfg.Progress(p)
 		}
-		// Caught up: past the head the rebuild began at, and no further behind
-		// the live feed than one batch, as a live runner normally is. (Waiting
-		// for zero lag could wait forever under a steady stream of appends.)
-		if st.State == StateRunning && !st.Position.Less(head) && st.LagEvents <= r.cfg.BatchSize {
-			break
+		// Caught up: no more than one batch behind the live feed of its
+		// category, measured once it has passed the head the rebuild began at
+		// (a category may end before that head; then every 2 s). Waiting for
+		// zero lag could wait forever under a steady stream of appends.
+		if state == StateRunning && (!pos.Less(head) || time.Since(lastLagCheck) > 2*time.Second) {
+			lastLagCheck = time.Now()
+			lag, _, err := lagUpTo(ctx, store, pos, rc.Category, r.cfg.BatchSize+1)
+			if err == nil && lag <= r.cfg.BatchSize && (!pos.Less(head) || lag == 0) {
+				break
+			}
 		}
 		if !sleep(ctx, 100*time.Millisecond) {
 			return fail(ctx.Err())
 		}
-	}
-	q, err := newQueries(cfg.Schema)
-	if err != nil {
-		return fail(err)
 	}
 	tx, err := cfg.DB.BeginTxx(ctx, nil)
 	if err != nil {

@@ -2,6 +2,7 @@ package projection
 
 import (
 	"context"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -29,6 +30,7 @@ type Runner struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
 	started bool
+	held    bool // has held the lease: may record its state
 }
 
 // NewRunner returns a runner that feeds handler (a Handler, a TxHandler or
@@ -118,7 +120,16 @@ func (r *Runner) setState(ctx context.Context, s State) {
 	r.state = s
 	err := r.err
 	r.mu.Unlock()
-	if changed && r.cfg.DB != nil {
+	if s == StateRunning {
+		r.mu.Lock()
+		r.held = true
+		r.mu.Unlock()
+	}
+	r.mu.Lock()
+	held := r.held
+	r.mu.Unlock()
+	// A runner waiting for the lease must not overwrite what the holder said.
+	if changed && r.cfg.DB != nil && held {
 		r.reportState(ctx, s, err)
 	}
 }
@@ -283,8 +294,13 @@ func (r *Runner) acquireLease(ctx context.Context) (*sqlx.Conn, error) {
 func (r *Runner) releaseLease(ctx context.Context, conn *sqlx.Conn) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	if _, err := conn.ExecContext(ctx, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, r.sql.leaseKey+":"+r.cfg.Name); err != nil {
-		r.cfg.Logger.Warn("projection: releasing the lease failed", "projection", r.cfg.Name, "err", err)
+	var unlocked bool
+	err := conn.GetContext(ctx, &unlocked, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, r.sql.leaseKey+":"+r.cfg.Name)
+	if err != nil || !unlocked {
+		// Do not hand a session that may still hold the lock back to the
+		// pool: make database/sql throw the connection away.
+		r.cfg.Logger.Warn("projection: releasing the lease failed; dropping the connection", "projection", r.cfg.Name, "err", err)
+		conn.Raw(func(any) error { return driver.ErrBadConn })
 	}
 	conn.Close()
 }
@@ -331,7 +347,7 @@ func (r *Runner) txBatch(ctx context.Context, conn *sqlx.Conn, page []eventstore
 		err := r.retry(ctx, func() error {
 			return r.inTx(ctx, conn, func(tx *sqlx.Tx) error {
 				if err := r.th.HandleBatchTx(ctx, tx, []eventstore.Event{e}); err != nil {
-					return err
+					return &handlerError{err}
 				}
 				return r.sql.saveCheckpoint(ctx, tx, r.cfg.Name, e.Position)
 			})
@@ -342,6 +358,10 @@ func (r *Runner) txBatch(ctx context.Context, conn *sqlx.Conn, page []eventstore
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
+		if !errors.As(err, &he) {
+			return err // the database, not the handler: the session starts over
+		}
+		err = he.err
 		if r.cfg.Policy == PolicyStop {
 			return &failedError{fmt.Errorf("projection %s: %s v%d (%s) at %s: %w", r.cfg.Name, e.StreamID, e.Version, e.Type, e.Position, err)}
 		}
@@ -489,19 +509,31 @@ const maxLagCount = 100_000
 // Lag counts the events readable after pos (up to 100,000) and the age in
 // seconds of the first of them (0 when caught up).
 func Lag(ctx context.Context, store eventstore.Store, pos eventstore.Position, category string) (int, float64, error) {
+	return lagUpTo(ctx, store, pos, category, maxLagCount)
+}
+
+// lagUpTo is Lag counting at most limit events.
+func lagUpTo(ctx context.Context, store eventstore.Store, pos eventstore.Position, category string, limit int) (int, float64, error) {
 	n, age := 0, 0.0
-	for e, err := range eventstore.IterAll(ctx, store, eventstore.ReadAllOpts{After: pos, Category: category, Limit: 1000}) {
+	for e, err := range eventstore.IterAll(ctx, store, eventstore.ReadAllOpts{After: pos, Category: category, Limit: min(limit, 1000)}) {
 		if err != nil {
 			return n, age, err
 		}
 		if n == 0 {
 			age = time.Since(e.RecordedAt).Seconds()
 		}
-		if n++; n == maxLagCount {
+		if n++; n == limit {
 			break
 		}
 	}
 	return n, age, nil
+}
+
+// progress is the runner's position and state without measuring lag.
+func (r *Runner) progress() (eventstore.Position, State, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.pos, r.state, r.err
 }
 
 // DeadLetters lists the dead letters parked by a runner without a DB (with a

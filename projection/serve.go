@@ -28,8 +28,9 @@ type RebuildRequest struct {
 
 // RequestRebuild asks the application serving rebuilds (ServeRebuilds) to
 // rebuild projection name into slot. A request replaces any earlier,
-// finished one; one still running is an error.
-func RequestRebuild(ctx context.Context, db *sqlx.DB, schema, name, slot string) error {
+// finished one; one still pending or running is an error unless force is set
+// (for a request whose application died while serving it).
+func RequestRebuild(ctx context.Context, db *sqlx.DB, schema, name, slot string, force bool) error {
 	if !nameRE.MatchString(name) || !nameRE.MatchString(slot) {
 		return fmt.Errorf("projection: rebuild %q into %q: names are 1-100 of [a-z0-9_.@-]", name, slot)
 	}
@@ -40,12 +41,12 @@ func RequestRebuild(ctx context.Context, db *sqlx.DB, schema, name, slot string)
 	res, err := db.ExecContext(ctx, `INSERT INTO `+q.rebuilds+` (name, slot) VALUES ($1, $2)
 		ON CONFLICT (name) DO UPDATE SET slot = excluded.slot, requested_at = now(), started_at = NULL, done = 0,
 		total = 0, rate = 0, finished_at = NULL, error = NULL
-		WHERE `+q.rebuilds+`.finished_at IS NOT NULL`, name, slot)
+		WHERE `+q.rebuilds+`.finished_at IS NOT NULL OR $3`, name, slot, force)
 	if err != nil {
 		return fmt.Errorf("projection: requesting a rebuild of %s: %w", name, err)
 	}
 	if n, _ := res.RowsAffected(); n == 0 {
-		return fmt.Errorf("projection: a rebuild of %s is already under way", name)
+		return fmt.Errorf("projection: a rebuild of %s is already under way (force a new request if the application serving it died)", name)
 	}
 	return nil
 }
@@ -108,6 +109,7 @@ func ServeRebuilds(ctx context.Context, store eventstore.Store, cfg ServeConfig)
 			// Claim it, so one application of several performs it.
 			res, err := cfg.DB.ExecContext(ctx, `UPDATE `+q.rebuilds+` SET started_at = now() WHERE name = $1 AND started_at IS NULL`, req.Name)
 			if err != nil {
+				cfg.Logger.Warn("projection: claiming a rebuild request failed", "projection", req.Name, "err", err)
 				continue
 			}
 			if n, _ := res.RowsAffected(); n == 0 {
@@ -122,6 +124,7 @@ func ServeRebuilds(ctx context.Context, store eventstore.Store, cfg ServeConfig)
 }
 
 func serveOne(ctx context.Context, store eventstore.Store, cfg ServeConfig, q queries, req RebuildRequest, rc RebuildConfig) {
+	rc.Name, rc.DB, rc.Schema = req.Name, cfg.DB, cfg.Schema
 	report := func(p Progress) {
 		cfg.DB.ExecContext(ctx, `UPDATE `+q.rebuilds+` SET done = $2, total = $3, rate = $4 WHERE name = $1`, req.Name, p.Done, p.Total, p.Rate)
 	}

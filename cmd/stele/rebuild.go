@@ -12,7 +12,7 @@ import (
 
 func newProjectionsRebuildCmd(g *globalOpts) *cobra.Command {
 	var slot string
-	var noWait bool
+	var noWait, force bool
 	cmd := &cobra.Command{
 		Use:   "rebuild NAME",
 		Short: "Rebuild a projection by replay into a new slot, then switch readers to it",
@@ -35,7 +35,7 @@ watching; the rebuild goes on. --no-wait only files the request.`,
 				return err
 			}
 			defer db.Close()
-			if err := projection.RequestRebuild(ctx, db, g.schema, name, slot); err != nil {
+			if err := projection.RequestRebuild(ctx, db, g.schema, name, slot, force); err != nil {
 				return err
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "requested a rebuild of %s into slot %s\n", name, slot)
@@ -88,5 +88,6 @@ watching; the rebuild goes on. --no-wait only files the request.`,
 	}
 	cmd.Flags().StringVar(&slot, "slot", "", "name of the new slot (default: r + the time)")
 	cmd.Flags().BoolVar(&noWait, "no-wait", false, "file the request and return")
+	cmd.Flags().BoolVar(&force, "force", false, "replace a pending or running request (its application died)")
 	return cmd
 }
