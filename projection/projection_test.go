@@ -17,6 +17,7 @@ import (
 	"github.com/stele-dev/stele/eventstore/memstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/internal/testdb"
+	"github.com/stele-dev/stele/internal/wait"
 	"github.com/stele-dev/stele/projection"
 )
 
@@ -34,18 +35,6 @@ func appendN(t *testing.T, s eventstore.Store, prefix string, n int) eventstore.
 		last = res.LastPosition
 	}
 	return last
-}
-
-// waitFor polls cond until it holds or 30 s pass.
-func waitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
 }
 
 // TestHandlerFollowsTheFeed: on the in-memory store, a Handler gets every
@@ -71,7 +60,7 @@ func TestHandlerFollowsTheFeed(t *testing.T) {
 	defer r.Stop(ctx)
 	appendN(t, store, "late", 30) // live
 	count := func() int { mu.Lock(); defer mu.Unlock(); return len(got) }
-	waitFor(t, "150 events", func() bool { return count() == 150 })
+	wait.Until(t, "150 events", func() bool { return count() == 150 })
 	var want []eventstore.Event
 	for e, err := range eventstore.IterAll(ctx, store, eventstore.ReadAllOpts{}) {
 		if err != nil {
@@ -228,7 +217,7 @@ func TestExactlyOnceThroughCrashes(t *testing.T) {
 			defer r.Stop(ctx)
 			// Not Head: the feed may still hold back the last appends while
 			// other transactions on the server finish.
-			waitFor(t, "the last runner to catch up", func() bool {
+			wait.Until(t, "the last runner to catch up", func() bool {
 				st, _ := r.Status(ctx)
 				return st.Position == lastAppended
 			})
@@ -285,7 +274,7 @@ func TestPoisonEvent(t *testing.T) {
 				}
 				return
 			}
-			waitFor(t, "the runner to pass the poison", func() bool {
+			wait.Until(t, "the runner to pass the poison", func() bool {
 				st, _ := r.Status(ctx)
 				return st.Position == last
 			})
@@ -306,7 +295,7 @@ func TestPoisonEvent(t *testing.T) {
 			if err := projection.RequestRetry(ctx, db, schema, dls[0].ID); err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, "the failed retry", func() bool {
+			wait.Until(t, "the failed retry", func() bool {
 				d, _ := projection.ListDeadLetters(ctx, db, schema, "totals")
 				return len(d) == 1 && d[0].Attempts == 4
 			})
@@ -314,7 +303,7 @@ func TestPoisonEvent(t *testing.T) {
 			if err := projection.RequestRetry(ctx, db, schema, dls[0].ID); err != nil {
 				t.Fatal(err)
 			}
-			waitFor(t, "the retried dead letter to go", func() bool {
+			wait.Until(t, "the retried dead letter to go", func() bool {
 				d, _ := projection.ListDeadLetters(ctx, db, schema, "totals")
 				return len(d) == 0
 			})
@@ -352,18 +341,18 @@ func TestTakeover(t *testing.T) {
 	}
 	first, second := runner(0), runner(1)
 	first.Start(ctx)
-	waitFor(t, "the first runner to take the lease", func() bool { st, _ := first.Status(ctx); return st.State == projection.StateRunning })
+	wait.Until(t, "the first runner to take the lease", func() bool { st, _ := first.Status(ctx); return st.State == projection.StateRunning })
 	second.Start(ctx)
 	defer second.Stop(ctx)
 	last := appendN(t, store, "acct", 50)
-	waitFor(t, "the first runner to handle 50", func() bool { st, _ := first.Status(ctx); return st.Position == last })
+	wait.Until(t, "the first runner to handle 50", func() bool { st, _ := first.Status(ctx); return st.Position == last })
 	if st, _ := second.Status(ctx); st.State != projection.StateWaiting || handledBy[1].Load() != 0 {
 		t.Fatalf("the second runner is %s and handled %d events while the first held the lease", st.State, handledBy[1].Load())
 	}
 	stopped := time.Now()
 	first.Stop(ctx)
 	last = appendN(t, store, "acct", 50)
-	waitFor(t, "the second runner to take over", func() bool { st, _ := second.Status(ctx); return st.Position == last })
+	wait.Until(t, "the second runner to take over", func() bool { st, _ := second.Status(ctx); return st.Position == last })
 	t.Logf("took over within %s", time.Since(stopped).Round(time.Millisecond))
 	if handledBy[1].Load() != 50 {
 		t.Fatalf("the second runner handled %d events, want the 50 new ones", handledBy[1].Load())
@@ -401,7 +390,7 @@ func TestReplayFromAPointIntoAFreshReadModel(t *testing.T) {
 			}
 			r.Start(ctx)
 			defer r.Stop(ctx)
-			waitFor(t, "the replay", func() bool { st, _ := r.Status(ctx); return st.Position == last })
+			wait.Until(t, "the replay", func() bool { st, _ := r.Status(ctx); return st.Position == last })
 			if n.Load() != 25 {
 				t.Fatalf("replay handled %d events, want 25", n.Load())
 			}
@@ -426,7 +415,7 @@ func TestConcurrentRetriesApplyOnce(t *testing.T) {
 	})
 	r, _ := projection.NewRunner(store, h, projection.Config{Name: "totals", DB: db, Schema: schema, Policy: projection.PolicyPark, Retries: 1, Backoff: time.Millisecond})
 	r.Start(ctx)
-	waitFor(t, "three dead letters", func() bool { d, _ := projection.ListDeadLetters(ctx, db, schema, "totals"); return len(d) == 3 })
+	wait.Until(t, "three dead letters", func() bool { d, _ := projection.ListDeadLetters(ctx, db, schema, "totals"); return len(d) == 3 })
 	r.Stop(ctx)
 	poison.Store(false)
 	dls, _ := projection.ListDeadLetters(ctx, db, schema, "totals")
@@ -526,7 +515,7 @@ func TestRebuildWhileAppending(t *testing.T) {
 	close(stop)
 	appends.Wait()
 	for _, r := range []*projection.Runner{a, b} {
-		waitFor(t, "both versions to catch up", func() bool { st, _ := r.Status(ctx); return st.Position == lastAppended })
+		wait.Until(t, "both versions to catch up", func() bool { st, _ := r.Status(ctx); return st.Position == lastAppended })
 	}
 	va, vb := rows(t, db, `"`+schema+`".totals_a`), rows(t, db, `"`+schema+`".totals_b`)
 	if va != vb || va == "" {

@@ -118,15 +118,8 @@ func (r *Runner) setState(ctx context.Context, s State) {
 	r.mu.Lock()
 	changed := r.state != s
 	r.state = s
-	err := r.err
-	r.mu.Unlock()
-	if s == StateRunning {
-		r.mu.Lock()
-		r.held = true
-		r.mu.Unlock()
-	}
-	r.mu.Lock()
-	held := r.held
+	r.held = r.held || s == StateRunning
+	held, err := r.held, r.err
 	r.mu.Unlock()
 	// A runner waiting for the lease must not overwrite what the holder said.
 	if changed && r.cfg.DB != nil && held {
@@ -503,13 +496,13 @@ func (r *Runner) Status(ctx context.Context) (Status, error) {
 	return st, err
 }
 
-// maxLagCount caps Lag's count: past it the answer is "at least".
-const maxLagCount = 100_000
+// MaxLagCount caps Lag's count: past it the answer is "at least".
+const MaxLagCount = 100_000
 
 // Lag counts the events readable after pos (up to 100,000) and the age in
 // seconds of the first of them (0 when caught up).
 func Lag(ctx context.Context, store eventstore.Store, pos eventstore.Position, category string) (int, float64, error) {
-	return lagUpTo(ctx, store, pos, category, maxLagCount)
+	return lagUpTo(ctx, store, pos, category, MaxLagCount)
 }
 
 // lagUpTo is Lag counting at most limit events.

@@ -29,7 +29,7 @@ func newProjectionsCmd(g *globalOpts) *cobra.Command {
 }
 
 // maxLag is where projection.Lag stops counting.
-const maxLag = 100_000
+const maxLag = projection.MaxLagCount
 
 func newProjectionsStatusCmd(g *globalOpts) *cobra.Command {
 	var asJSON bool
@@ -259,19 +259,12 @@ fails, the dead letter stays, with the new error and one more attempt. If the
 projection is not running, the request waits until it starts.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			id, err := parseDeadLetterID(args[0])
-			if err != nil {
-				return err
-			}
 			ctx := cmd.Context()
-			db, err := g.openDB(ctx)
+			id, db, err := g.openDeadLetter(ctx, args[0])
 			if err != nil {
 				return err
 			}
 			defer db.Close()
-			if err := requireProjectionTables(ctx, db, g.schema); err != nil {
-				return err
-			}
 			if err := projection.RequestRetry(ctx, db, g.schema, id); err != nil {
 				return noDeadLetter(err, id, g.schema)
 			}
@@ -279,6 +272,24 @@ projection is not running, the request waits until it starts.`,
 			return err
 		},
 	}
+}
+
+// openDeadLetter parses a dead-letter id and opens the database, checking
+// that the schema has the projection tables.
+func (g *globalOpts) openDeadLetter(ctx context.Context, arg string) (int64, *sqlx.DB, error) {
+	id, err := parseDeadLetterID(arg)
+	if err != nil {
+		return 0, nil, err
+	}
+	db, err := g.openDB(ctx)
+	if err != nil {
+		return 0, nil, err
+	}
+	if err := requireProjectionTables(ctx, db, g.schema); err != nil {
+		db.Close()
+		return 0, nil, err
+	}
+	return id, db, nil
 }
 
 func newDLQDiscardCmd(g *globalOpts) *cobra.Command {
@@ -290,19 +301,12 @@ it. The projection's read model therefore lacks that event for good, unless it
 is rebuilt.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			id, err := parseDeadLetterID(args[0])
-			if err != nil {
-				return err
-			}
 			ctx := cmd.Context()
-			db, err := g.openDB(ctx)
+			id, db, err := g.openDeadLetter(ctx, args[0])
 			if err != nil {
 				return err
 			}
 			defer db.Close()
-			if err := requireProjectionTables(ctx, db, g.schema); err != nil {
-				return err
-			}
 			// Read what is discarded first, to say so afterwards.
 			var d struct {
 				Projection, StreamID, EventType, Error string

@@ -15,22 +15,11 @@ import (
 
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/internal/testdb"
+	"github.com/stele-dev/stele/internal/wait"
 	"github.com/stele-dev/stele/projection"
 )
 
 var errPoison = errors.New("cannot handle a Poison event")
-
-// eventually polls cond until it holds or 30 s pass.
-func eventually(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
-}
 
 // TestProjectionsAndDLQ runs a projection that parks its poison events and
 // looks at it through the CLI, as an operator would: status, the dead
@@ -77,7 +66,7 @@ func TestProjectionsAndDLQ(t *testing.T) {
 			appendEvents(t, store, "order-1", "OrderPlaced", "OrderPaid")
 			appendEvents(t, store, "order-2", "OrderPlaced", "Poison")
 			last := appendEvents(t, store, "order-3", "OrderPlaced").LastPosition
-			eventually(t, "the projection to pass the poison event", caughtUp(last))
+			wait.Until(t, "the projection to pass the poison event", caughtUp(last))
 
 			t.Run("status", func(t *testing.T) {
 				assertRows(t, c.mustRun("projections", "status"), [][]string{
@@ -162,7 +151,7 @@ func TestProjectionsAndDLQ(t *testing.T) {
 
 			t.Run("dlq retry", func(t *testing.T) {
 				poison := appendEvents(t, store, "order-4", "Poison")
-				eventually(t, "the second poison event to be parked", caughtUp(poison.LastPosition))
+				wait.Until(t, "the second poison event to be parked", caughtUp(poison.LastPosition))
 				var dl deadLetterJSON
 				if out := c.mustRun("dlq", "ls", "--json"); json.Unmarshal([]byte(out), &dl) != nil || dl.StreamID != "order-4" {
 					t.Fatalf("dlq ls --json: %q", out)
@@ -172,7 +161,7 @@ func TestProjectionsAndDLQ(t *testing.T) {
 				if out := c.mustRun("dlq", "retry", id); !strings.HasPrefix(out, "requested a retry of dead letter "+id+";") {
 					t.Errorf("dlq retry printed %q", out)
 				}
-				eventually(t, "the running projection to retry the dead letter", func() bool {
+				wait.Until(t, "the running projection to retry the dead letter", func() bool {
 					return len(fields(c.mustRun("dlq", "ls"))) == 1
 				})
 				if !handled(dl.EventID) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,6 +13,7 @@ import (
 	"github.com/google/uuid"
 
 	"github.com/stele-dev/stele/eventstore"
+	"github.com/stele-dev/stele/internal/wait"
 )
 
 func testAppendAndReadBack(t *testing.T, b Backend) {
@@ -422,20 +424,15 @@ func mustAppend(t testing.TB, s eventstore.Store, stream string, exp eventstore.
 // deadline) rather than expecting the event at once.
 func readAllN(t testing.TB, s eventstore.Store, opts eventstore.ReadAllOpts, n int) []eventstore.Event {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		evs := readAll(t, s, opts)
+	var evs []eventstore.Event
+	wait.Until(t, fmt.Sprintf("the feed to hold %d events", n), func() bool {
+		evs = readAll(t, s, opts)
 		if len(evs) > n {
 			t.Fatalf("feed holds %d events, want %d", len(evs), n)
 		}
-		if len(evs) == n {
-			return evs
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("feed holds %d events after 30s, want %d", len(evs), n)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+		return len(evs) == n
+	})
+	return evs
 }
 
 func readAll(t testing.TB, s eventstore.Store, opts eventstore.ReadAllOpts) []eventstore.Event {

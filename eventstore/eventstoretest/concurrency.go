@@ -8,11 +8,11 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
-	"time"
 
 	"github.com/google/uuid"
 
 	"github.com/stele-dev/stele/eventstore"
+	"github.com/stele-dev/stele/internal/wait"
 )
 
 // testConcurrentRacers: 8 writers append to one stream with the same expected
@@ -153,24 +153,17 @@ func subscribe(s eventstore.Store, opts eventstore.SubscribeOpts) *collector {
 // and returns them.
 func (c *collector) waitFor(t *testing.T, n int) []eventstore.Event {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	wait.Until(t, fmt.Sprintf("the subscription to deliver %d events", n), func() bool {
 		c.mu.Lock()
 		got, err := len(c.events), c.err
 		c.mu.Unlock()
 		if err != nil {
 			t.Fatalf("subscription failed: %v", err)
 		}
-		if got >= n || time.Now().After(deadline) {
-			break
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
+		return got >= n
+	})
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if len(c.events) < n {
-		t.Fatalf("subscription delivered %d events within 30s, want %d", len(c.events), n)
-	}
 	return append([]eventstore.Event(nil), c.events...)
 }
 

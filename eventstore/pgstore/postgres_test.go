@@ -7,7 +7,6 @@ import (
 	"strings"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/jmoiron/sqlx"
 
@@ -15,6 +14,7 @@ import (
 	"github.com/stele-dev/stele/eventstore/eventstoretest"
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/internal/testdb"
+	"github.com/stele-dev/stele/internal/wait"
 )
 
 // forEachDriver runs fn once through lib/pq and once through pgx.
@@ -304,18 +304,13 @@ func TestLosingAStreamCreationRaceStillAppends(t *testing.T) {
 // waitUntilBlocked waits until backend pid waits for a lock.
 func waitUntilBlocked(t *testing.T, db *sqlx.DB, pid int) {
 	t.Helper()
-	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
+	wait.Until(t, fmt.Sprintf("backend %d to wait for a lock", pid), func() bool {
 		var waiting bool
 		if err := db.Get(&waiting, `SELECT coalesce(wait_event_type = 'Lock', false) FROM pg_stat_activity WHERE pid = $1`, pid); err != nil {
 			t.Fatal(err)
 		}
-		if waiting {
-			return
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-	t.Fatalf("backend %d never waited for a lock", pid)
+		return waiting
+	})
 }
 
 // TestAppendOutcomesAroundCancelAndClose: an append whose context is already
