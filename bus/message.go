@@ -156,6 +156,11 @@ func FromMessage(msg *message.Message) (eventstore.Event, error) {
 		if e.RecordedAt, err = time.Parse(time.RFC3339Nano, at); err != nil {
 			return bad(KeyRecordedAt, "want RFC 3339")
 		}
+		// ToMessage writes the time in UTC; an offset that moves it out of
+		// years 0000-9999 would give a message nobody can read back.
+		if y := e.RecordedAt.UTC().Year(); y < 0 || y > 9999 {
+			return bad(KeyRecordedAt, "want a time in years 0000-9999 UTC")
+		}
 	}
 	e.Metadata = eventstore.Metadata{CorrelationID: md.Get(KeyCorrelationID), CausationID: md.Get(KeyCausationID),
 		TraceParent: md.Get(KeyTraceParent), TraceState: md.Get(KeyTraceState)}

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"time"
 
@@ -56,7 +57,9 @@ func toPoisoned(msg *message.Message) Poisoned {
 	for k, v := range msg.Metadata {
 		md[k] = v
 	}
-	p := Poisoned{UUID: msg.UUID, Payload: append([]byte(nil), msg.Payload...),
+	// Never a nil payload: bus_poison.payload is NOT NULL, and a message
+	// without a body (a ReplyError, a bare command) must still be kept.
+	p := Poisoned{UUID: msg.UUID, Payload: append([]byte{}, msg.Payload...),
 		Topic: md[middleware.PoisonedTopicKey], Handler: md[middleware.PoisonedHandlerKey],
 		Reason: md[middleware.ReasonForPoisonedKey], PoisonedAt: time.Now()}
 	for _, k := range poisonNotes {
@@ -167,12 +170,16 @@ func (b *PostgresPoisonBox) Publish(_ string, msgs ...*message.Message) error {
 	defer func() { _ = tx.Rollback() }()
 	for _, m := range msgs {
 		p := toPoisoned(m)
-		md, err := json.Marshal(p.Metadata)
+		md := make(map[string]string, len(p.Metadata))
+		for k, v := range p.Metadata {
+			md[pgText(k)] = pgText(v)
+		}
+		mdJSON, err := json.Marshal(md)
 		if err != nil {
 			return fmt.Errorf("bus: poison box: %w", err)
 		}
 		if _, err := tx.ExecContext(ctx, `INSERT INTO `+b.schema+`.bus_poison (message_uuid, topic, handler, reason, payload, metadata)
-			VALUES ($1, $2, $3, $4, $5, $6)`, p.UUID, p.Topic, p.Handler, p.Reason, p.Payload, md); err != nil {
+			VALUES ($1, $2, $3, $4, $5, $6)`, pgText(p.UUID), pgText(p.Topic), pgText(p.Handler), pgText(p.Reason), p.Payload, mdJSON); err != nil {
 			return fmt.Errorf("bus: poison box: %w", err)
 		}
 	}
@@ -182,20 +189,29 @@ func (b *PostgresPoisonBox) Publish(_ string, msgs ...*message.Message) error {
 	return nil
 }
 
+// pgText makes s storable in a text or jsonb column, which refuse NUL and
+// invalid UTF-8: the box is the last stop, and a message it refused would be
+// nacked and redelivered for ever. Such bytes become U+FFFD, so the stored
+// UUID or metadata of a message that carried them is not byte-exact; the
+// payload (bytea) always is.
+func pgText(s string) string {
+	return strings.ReplaceAll(strings.ToValidUTF8(s, "\uFFFD"), "\x00", "\uFFFD")
+}
+
 // Close does nothing; the pool belongs to the caller.
 func (b *PostgresPoisonBox) Close() error { return nil }
 
-const poisonCols = `id, message_uuid, topic, handler, reason, payload, metadata, poisoned_at, COALESCE(republished_at, '-infinity')`
+const poisonCols = `id, message_uuid, topic, handler, reason, payload, metadata, poisoned_at, republished_at`
 
 func scanPoisoned(row interface{ Scan(...any) error }) (Poisoned, error) {
 	var p Poisoned
 	var md []byte
-	var rep time.Time
+	var rep sql.NullTime // neither driver scans '-infinity' into a time.Time
 	if err := row.Scan(&p.ID, &p.UUID, &p.Topic, &p.Handler, &p.Reason, &p.Payload, &md, &p.PoisonedAt, &rep); err != nil {
 		return p, err
 	}
-	if rep.Year() > 1 {
-		p.RepublishedAt = rep
+	if rep.Valid {
+		p.RepublishedAt = rep.Time
 	}
 	return p, json.Unmarshal(md, &p.Metadata)
 }

@@ -72,6 +72,9 @@ func (r *Requester) Request(ctx context.Context, topic string, msg *message.Mess
 	if msg.UUID == "" {
 		msg.UUID = uuid.NewString()
 	}
+	if msg.Metadata == nil {
+		msg.Metadata = message.Metadata{} // a struct literal; Set would panic
+	}
 	id := msg.Metadata.Get(KeyCorrelationID)
 	if id == "" {
 		id = msg.UUID
@@ -126,6 +129,9 @@ func Reply(pub message.Publisher, req, reply *message.Message) error {
 	}
 	if reply.UUID == "" {
 		reply.UUID = uuid.NewString()
+	}
+	if reply.Metadata == nil {
+		reply.Metadata = message.Metadata{}
 	}
 	reply.Metadata.Set(KeyCorrelationID, req.Metadata.Get(KeyCorrelationID))
 	reply.Metadata.Set(KeyCausationID, req.UUID)

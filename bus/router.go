@@ -1,9 +1,11 @@
 package bus
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"time"
 
 	"github.com/ThreeDotsLabs/watermill"
@@ -72,7 +74,9 @@ type RouterConfig struct {
 //     (or fails permanently, see IsPermanent) goes to cfg.Poison, with the
 //     reason, topic and handler, and is acknowledged;
 //  2. retry: exponential backoff with jitter and a cap, skipped for
-//     permanent errors, with a fresh context per attempt;
+//     permanent errors, with a fresh context per attempt; a message still
+//     being retried when the router stops is nacked, not poisoned, so the
+//     broker delivers it again;
 //  3. timeout (when cfg.HandlerTimeout is set);
 //  4. recoverer: a panic becomes a permanent error carrying its stack, so it
 //     reaches the poison box instead of crashing the process or looping.
@@ -91,25 +95,80 @@ func NewRouter(cfg RouterConfig) (*message.Router, PoisonBox, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("bus: router: %w", err)
 	}
-	poison, err := middleware.PoisonQueue(cfg.Poison, PoisonTopic)
+	poison, err := middleware.PoisonQueueWithFilter(cfg.Poison, PoisonTopic, func(err error) bool {
+		var stopped *stoppedError
+		return !errors.As(err, &stopped) // nacked instead: the broker delivers it again
+	})
 	if err != nil {
 		return nil, nil, fmt.Errorf("bus: poison queue: %w", err)
 	}
-	r.AddMiddleware(poison, middleware.Retry{
-		MaxRetries:          retry.MaxRetries,
-		InitialInterval:     retry.Initial,
-		MaxInterval:         retry.Max,
-		Multiplier:          retry.Multiplier,
-		RandomizationFactor: retry.Jitter,
-		ShouldRetry:         func(p middleware.RetryParams) bool { return !IsPermanent(p.Err) },
-		ResetContextOnRetry: true,
-	}.Middleware)
+	r.AddMiddleware(poison, retry.middleware)
 	if cfg.HandlerTimeout > 0 {
 		r.AddMiddleware(middleware.Timeout(cfg.HandlerTimeout))
 	}
 	r.AddMiddleware(recoverPermanent)
 	return r, cfg.Poison, nil
 }
+
+// middleware retries the handler while it fails with an error that is not
+// permanent, waiting Initial, then Initial×Multiplier, ... (at most Max),
+// each wait spread by ±Jitter. Every attempt starts from the message's own
+// context, so a timed-out attempt does not cancel the next one.
+//
+// Watermill's middleware.Retry is not used: with a ShouldRetry hook it
+// advances its backoff twice per attempt (the waits grow by Multiplier² and
+// start at Initial×Multiplier), and when the router stops during a wait it
+// returns context.Canceled, which the poison queue would then shelve.
+func (p RetryPolicy) middleware(h message.HandlerFunc) message.HandlerFunc {
+	return func(msg *message.Message) ([]*message.Message, error) {
+		ctx := msg.Context()
+		defer msg.SetContext(ctx) // the poison queue publishes with it
+		interval := min(p.Initial, p.Max)
+		for attempt := 0; ; attempt++ {
+			msg.SetContext(ctx)
+			out, err := h(msg)
+			if err == nil || IsPermanent(err) {
+				return out, err
+			}
+			if ctx.Err() != nil {
+				return out, &stoppedError{err: err, cause: context.Cause(ctx)}
+			}
+			if attempt >= p.MaxRetries {
+				return out, err
+			}
+			t := time.NewTimer(p.jittered(interval))
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return out, &stoppedError{err: err, cause: context.Cause(ctx)}
+			}
+			if next := float64(interval) * p.Multiplier; next < float64(p.Max) {
+				interval = time.Duration(next)
+			} else {
+				interval = p.Max // compared as floats: no overflow
+			}
+		}
+	}
+}
+
+// jittered spreads d uniformly over [d×(1-Jitter), d×(1+Jitter)].
+func (p RetryPolicy) jittered(d time.Duration) time.Duration {
+	return time.Duration(float64(d) * (1 + p.Jitter*(2*rand.Float64()-1)))
+}
+
+// stoppedError is what the retry middleware returns when the message's
+// context ends (the router is closing) before the handler succeeded. The
+// poison queue lets it through, so the message is nacked rather than
+// poisoned, and it matches context.Canceled, so the router does not log it
+// as a handler failure.
+type stoppedError struct{ err, cause error }
+
+func (e *stoppedError) Error() string {
+	return fmt.Sprintf("bus: stopped before the handler succeeded (%v): %v", e.cause, e.err)
+}
+
+func (e *stoppedError) Unwrap() []error { return []error{e.err, e.cause} }
 
 // recoverPermanent turns a handler's panic into a permanent error: the same
 // input would panic again, so retrying it only delays the poison box.
