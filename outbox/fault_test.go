@@ -24,6 +24,7 @@ import (
 // appender writes events to a few streams, some of them in transactions it
 // rolls back, and remembers which event ids committed.
 type appender struct {
+	pause      time.Duration // between appends
 	mu         sync.Mutex
 	committed  map[string]bool
 	rolledBack map[string]bool
@@ -32,6 +33,7 @@ type appender struct {
 func (a *appender) run(t *testing.T, ctx context.Context, store *pgstore.Store, db *sqlx.DB, prefix string, n int, seed uint64) {
 	rng := rand.New(rand.NewPCG(seed, 7))
 	for i := range n {
+		time.Sleep(a.pause)
 		id := uuid.New()
 		stream := streamName(prefix, rng.IntN(10))
 		data := []eventstore.EventData{{ID: id, Type: "tick", Data: fmt.Appendf(nil, `{"i":%d}`, i)}}
