@@ -43,8 +43,12 @@ const (
 	// partition (Kafka) route on it, so one stream's messages stay in order.
 	KeyPartition = "partition_key"
 	// KeyReplyTo and KeyError are used by request-reply.
-	KeyReplyTo = "reply_to"
-	KeyError   = "error"
+	KeyReplyTo        = "reply_to"
+	KeyError          = "error"
+	KeyErrorPermanent = "error_permanent"
+	// KeyIdempotency carries a command's idempotency key: the receiver
+	// treats a repeated key as the same command (sagas set it).
+	KeyIdempotency = "idempotency_key"
 )
 
 // UserKeyPrefix is put before the event's own metadata keys

@@ -30,7 +30,12 @@ type Requester struct {
 var ErrRequestTimeout = errors.New("bus: no reply before the deadline")
 
 // RemoteError is the error a responder sent back with ReplyError.
-type RemoteError struct{ Message string }
+// Permanent is true when that error was permanent (see IsPermanent); the
+// error Request returns then also matches ErrPermanent.
+type RemoteError struct {
+	Message   string
+	Permanent bool
+}
 
 func (e *RemoteError) Error() string { return "bus: the responder failed: " + e.Message }
 
@@ -101,7 +106,7 @@ func (r *Requester) Request(ctx context.Context, topic string, msg *message.Mess
 	select {
 	case reply := <-ch:
 		if e := reply.Metadata.Get(KeyError); e != "" {
-			return reply, &RemoteError{Message: e}
+			return reply, ReplyErr(reply)
 		}
 		return reply, nil
 	case <-ctx.Done():
@@ -142,5 +147,21 @@ func Reply(pub message.Publisher, req, reply *message.Message) error {
 func ReplyError(pub message.Publisher, req *message.Message, failure error) error {
 	reply := message.NewMessage(uuid.NewString(), nil)
 	reply.Metadata.Set(KeyError, failure.Error())
+	if IsPermanent(failure) {
+		reply.Metadata.Set(KeyErrorPermanent, "true")
+	}
 	return Reply(pub, req, reply)
+}
+
+// ReplyErr returns the *RemoteError a reply carries, or nil for a success.
+func ReplyErr(reply *message.Message) error {
+	e := reply.Metadata.Get(KeyError)
+	if e == "" {
+		return nil
+	}
+	rerr := &RemoteError{Message: e, Permanent: reply.Metadata.Get(KeyErrorPermanent) == "true"}
+	if rerr.Permanent {
+		return Permanent(rerr)
+	}
+	return rerr
 }

@@ -1,0 +1,666 @@
+package saga
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/ThreeDotsLabs/watermill/message"
+	"github.com/jmoiron/sqlx"
+
+	"github.com/stele-dev/stele/bus"
+	"github.com/stele-dev/stele/eventstore"
+	"github.com/stele-dev/stele/outbox"
+	"github.com/stele-dev/stele/projection"
+)
+
+// Config tunes a Runner.
+type Config struct {
+	// Publisher sends the commands of Send actions (through an outbox relay
+	// the runner runs), and Subscriber brings their replies from
+	// ReplyTopic (default "saga.<name>.replies"). Both are required when a
+	// step uses Send.
+	Publisher  message.Publisher
+	Subscriber message.Subscriber
+	ReplyTopic string
+	// DB and Schema keep the runner's checkpoint (which starting events it
+	// has seen) and its relay's lease, in the schema pgstore migrated.
+	// Without DB they are kept in memory.
+	DB     *sqlx.DB
+	Schema string
+	// RescanInterval bounds how long the runner sleeps when no saga is due,
+	// so a saga whose timer was set by another process is still driven in
+	// time. Default 1s.
+	RescanInterval time.Duration
+	// Workers is how many sagas are driven at once. Default 16.
+	Workers int
+	// Clock tells the time; sagatest gives a virtual one. Default time.Now.
+	Clock func() time.Time
+	// Logger defaults to slog.Default().
+	Logger *slog.Logger
+}
+
+// Runner drives the sagas of one Definition: it starts a saga for each
+// starting event, runs its steps, keeps its timers, and resumes every open
+// saga after a restart. Run one per definition; a second one is safe
+// (appends are optimistic, actions idempotent by key) but duplicates work.
+type Runner struct {
+	store eventstore.Store
+	def   Definition
+	cfg   Config
+
+	mu      sync.Mutex
+	wake    map[string]time.Time // open sagas and when to drive them next
+	busy    map[string]bool
+	again   map[string]bool // asked for while busy
+	kick    chan struct{}
+	cancel  context.CancelFunc
+	done    chan struct{}
+	started bool
+	err     error
+
+	starts *projection.Runner
+	relay  *outbox.Relay
+}
+
+// NewRunner checks def and cfg.
+func NewRunner(store eventstore.Store, def Definition, cfg Config) (*Runner, error) {
+	def, err := def.validate()
+	if err != nil {
+		return nil, err
+	}
+	sends := false
+	for _, s := range def.Steps {
+		sends = sends || s.Action.send != nil || s.Compensation.send != nil
+	}
+	if sends && (cfg.Publisher == nil || cfg.Subscriber == nil) {
+		return nil, &DefinitionError{"Steps", "a Send action needs Config.Publisher and Config.Subscriber"}
+	}
+	if cfg.ReplyTopic == "" {
+		cfg.ReplyTopic = "saga." + def.Name + ".replies"
+	}
+	if cfg.RescanInterval <= 0 {
+		cfg.RescanInterval = time.Second
+	}
+	if cfg.Workers <= 0 {
+		cfg.Workers = 16
+	}
+	if cfg.Clock == nil {
+		cfg.Clock = time.Now
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	return &Runner{store: store, def: def, cfg: cfg, wake: map[string]time.Time{}, busy: map[string]bool{}, again: map[string]bool{},
+		kick: make(chan struct{}, 1)}, nil
+}
+
+// Start loads the open sagas, then works in the background until Stop.
+func (r *Runner) Start(ctx context.Context) error {
+	r.mu.Lock()
+	if r.started {
+		r.mu.Unlock()
+		return errors.New("saga: runner already started")
+	}
+	r.started = true
+	r.mu.Unlock()
+	if err := r.loadOpen(ctx); err != nil {
+		return err
+	}
+	starts, err := projection.NewRunner(r.store, projection.HandlerFunc(r.onEvent), projection.Config{
+		Name: "saga." + r.def.Name, DB: r.cfg.DB, Schema: r.cfg.Schema, BatchSize: 256, Logger: r.cfg.Logger})
+	if err != nil {
+		return err
+	}
+	r.starts = starts
+	if r.cfg.Publisher != nil {
+		if r.relay, err = outbox.NewRelay(r.store, outbox.Config{Name: "saga." + r.def.Name, Publisher: r.cfg.Publisher,
+			Categories: []string{Category(r.def.Name)}, Types: []string{TypeStepStarted},
+			TopicFor: commandTopic, Map: commandMessage, DB: r.cfg.DB, Schema: r.cfg.Schema, Logger: r.cfg.Logger}); err != nil {
+			return err
+		}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	var replies <-chan *message.Message
+	if r.cfg.Subscriber != nil {
+		if replies, err = r.cfg.Subscriber.Subscribe(ctx, r.cfg.ReplyTopic); err != nil {
+			cancel()
+			return fmt.Errorf("saga %s: subscribing to replies: %w", r.def.Name, err)
+		}
+	}
+	if err := starts.Start(ctx); err != nil {
+		cancel()
+		return err
+	}
+	r.mu.Lock()
+	r.cancel, r.done = cancel, make(chan struct{})
+	r.mu.Unlock()
+	var wg sync.WaitGroup
+	if r.relay != nil {
+		wg.Go(func() {
+			if err := r.relay.Run(ctx); err != nil && ctx.Err() == nil {
+				r.fail(fmt.Errorf("saga %s: command relay: %w", r.def.Name, err))
+			}
+		})
+	}
+	if replies != nil {
+		wg.Go(func() { r.consumeReplies(ctx, replies) })
+	}
+	wg.Go(func() { r.schedule(ctx) })
+	go func() {
+		wg.Wait()
+		_ = starts.Stop(context.Background())
+		close(r.done)
+	}()
+	return nil
+}
+
+// Stop ends the runner and waits for it (or ctx). Sagas stay where their
+// streams say; the next Start resumes them.
+func (r *Runner) Stop(ctx context.Context) error {
+	r.mu.Lock()
+	cancel, done := r.cancel, r.done
+	r.mu.Unlock()
+	if cancel == nil {
+		return nil
+	}
+	cancel()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Err is the failure that stopped the runner's background work, if any.
+func (r *Runner) Err() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.err
+}
+
+func (r *Runner) fail(err error) {
+	r.cfg.Logger.Error("saga runner failed", "saga", r.def.Name, "err", err)
+	r.mu.Lock()
+	if r.err == nil {
+		r.err = err
+	}
+	cancel := r.cancel
+	r.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+}
+
+// loadOpen finds the sagas not yet ended by reading their category.
+func (r *Runner) loadOpen(ctx context.Context) error {
+	last := map[string]string{}
+	for e, err := range eventstore.IterAll(ctx, r.store, eventstore.ReadAllOpts{Category: Category(r.def.Name)}) {
+		if err != nil {
+			return fmt.Errorf("saga %s: loading open sagas: %w", r.def.Name, err)
+		}
+		last[e.StreamID] = e.Type
+	}
+	now := r.cfg.Clock()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for stream, typ := range last {
+		if typ != TypeCompleted && typ != TypeCompensated && typ != TypeNeedsAttention {
+			r.wake[strings.TrimPrefix(stream, Category(r.def.Name)+"-")] = now
+		}
+	}
+	return nil
+}
+
+// onEvent starts sagas and notices operators' requests.
+func (r *Runner) onEvent(ctx context.Context, e eventstore.Event) error {
+	switch {
+	case e.Type == r.def.StartedBy && (r.def.Category == "" || eventstore.Category(e.StreamID) == r.def.Category):
+		return r.startSaga(ctx, e)
+	case (e.Type == TypeRetryRequested || e.Type == TypeAbortRequested) && eventstore.Category(e.StreamID) == Category(r.def.Name):
+		r.due(strings.TrimPrefix(e.StreamID, Category(r.def.Name)+"-"), time.Time{})
+	}
+	return nil
+}
+
+func (r *Runner) startSaga(ctx context.Context, e eventstore.Event) error {
+	id := r.def.ID(e)
+	data, err := json.Marshal(record{Input: jsonOrString(e.Data), InputType: e.Type})
+	if err != nil {
+		return err
+	}
+	md := eventstore.Metadata{CorrelationID: e.Metadata.CorrelationID, CausationID: e.ID.String(),
+		TraceParent: e.Metadata.TraceParent, TraceState: e.Metadata.TraceState}
+	if md.CorrelationID == "" {
+		md.CorrelationID = e.ID.String()
+	}
+	_, err = r.store.Append(ctx, StreamID(r.def.Name, id), eventstore.NoStream,
+		[]eventstore.EventData{{Type: TypeStarted, Data: data, Metadata: md}})
+	if errors.Is(err, eventstore.ErrConcurrencyConflict) {
+		return nil // started before: a redelivered starting event
+	}
+	if err != nil {
+		return fmt.Errorf("saga %s: starting %s: %w", r.def.Name, id, err)
+	}
+	r.due(id, time.Time{})
+	return nil
+}
+
+// jsonOrString keeps a JSON payload as it is and quotes anything else, so
+// the started record stays valid JSON.
+func jsonOrString(b []byte) json.RawMessage {
+	if json.Valid(b) {
+		return b
+	}
+	q, _ := json.Marshal(string(b))
+	return q
+}
+
+// due asks for saga id to be driven at (or after) at; zero means now. A
+// saga being driven is driven again as soon as that ends.
+func (r *Runner) due(id string, at time.Time) {
+	r.mu.Lock()
+	if r.busy[id] {
+		r.again[id] = true
+	} else if w, ok := r.wake[id]; !ok || at.Before(w) {
+		r.wake[id] = at
+	}
+	r.mu.Unlock()
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+// schedule drives due sagas until ctx ends.
+func (r *Runner) schedule(ctx context.Context) {
+	sem := make(chan struct{}, r.cfg.Workers)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	for {
+		now := r.cfg.Clock()
+		next := now.Add(r.cfg.RescanInterval)
+		r.mu.Lock()
+		var ready []string
+		for id, at := range r.wake {
+			if r.busy[id] {
+				continue
+			}
+			if !at.After(now) {
+				ready = append(ready, id)
+				r.busy[id] = true
+			} else if at.Before(next) {
+				next = at
+			}
+		}
+		r.mu.Unlock()
+		for _, id := range ready {
+			select {
+			case sem <- struct{}{}:
+			case <-ctx.Done():
+				r.release(id, time.Time{}, false)
+				continue
+			}
+			wg.Go(func() {
+				defer func() { <-sem }()
+				at, open, err := r.drive(ctx, id)
+				if err != nil && ctx.Err() == nil {
+					r.cfg.Logger.Warn("saga: driving failed; retrying", "saga", r.def.Name, "id", id, "err", err)
+					at, open = r.cfg.Clock().Add(r.def.Retry.Initial), true
+				}
+				r.release(id, at, open)
+			})
+		}
+		t := time.NewTimer(max(time.Until(next), time.Millisecond))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-r.kick:
+		case <-t.C:
+		}
+		t.Stop()
+	}
+}
+
+// release ends a drive: the saga waits until at, or leaves the open set.
+func (r *Runner) release(id string, at time.Time, open bool) {
+	r.mu.Lock()
+	delete(r.busy, id)
+	switch {
+	case r.again[id]:
+		r.wake[id] = time.Time{} // something happened while it was driven
+	case open:
+		r.wake[id] = at
+	default:
+		delete(r.wake, id)
+	}
+	delete(r.again, id)
+	r.mu.Unlock()
+	select {
+	case r.kick <- struct{}{}:
+	default:
+	}
+}
+
+// RunDue drives every open saga that is due now, synchronously, until none
+// is: what the background scheduler does, for tests with a virtual clock.
+func (r *Runner) RunDue(ctx context.Context) error {
+	for {
+		now := r.cfg.Clock()
+		r.mu.Lock()
+		var ready []string
+		for id, at := range r.wake {
+			if !r.busy[id] && !at.After(now) {
+				ready = append(ready, id)
+				r.busy[id] = true
+			}
+		}
+		r.mu.Unlock()
+		if len(ready) == 0 {
+			return nil
+		}
+		for _, id := range ready {
+			at, open, err := r.drive(ctx, id)
+			r.release(id, at, open)
+			if err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// Load returns the saga id as its stream tells it.
+func (r *Runner) Load(ctx context.Context, id string) (*Instance, error) {
+	return Load(ctx, r.store, r.def.Name, id)
+}
+
+// drive moves saga id as far as it can go now. It returns when it must
+// wait: until at, or for a reply (at is then the deadline), or with open
+// false when the saga has ended.
+func (r *Runner) drive(ctx context.Context, id string) (at time.Time, open bool, err error) {
+	stream := StreamID(r.def.Name, id)
+	for conflicts := 0; ; {
+		if err := ctx.Err(); err != nil {
+			return time.Time{}, true, err
+		}
+		events, err := eventstore.LoadStream(ctx, r.store, stream)
+		if err != nil {
+			return time.Time{}, true, err
+		}
+		if len(events) == 0 {
+			return time.Time{}, false, nil
+		}
+		in, err := fold(r.def.Name, id, events)
+		if err != nil {
+			return time.Time{}, false, err
+		}
+		next, wait, err := r.decide(ctx, in, events[0].Metadata)
+		if err != nil {
+			return time.Time{}, true, err
+		}
+		if next == nil {
+			return wait, !in.Status.Done(), nil
+		}
+		if _, err := r.store.Append(ctx, stream, eventstore.Exact(in.Version), next); err != nil {
+			if errors.Is(err, eventstore.ErrConcurrencyConflict) && conflicts < 50 {
+				conflicts++
+				continue // someone else moved it: look again
+			}
+			return time.Time{}, true, err
+		}
+	}
+}
+
+// decide returns the events that move the saga on, or, when it must wait,
+// until when. Local actions run here, between the append that records their
+// start and the one that records their outcome.
+func (r *Runner) decide(ctx context.Context, in *Instance, md eventstore.Metadata) ([]eventstore.EventData, time.Time, error) {
+	now := r.cfg.Clock()
+	md = eventstore.Metadata{CorrelationID: md.CorrelationID, TraceParent: md.TraceParent, TraceState: md.TraceState}
+	emit := func(typ string, rec record) eventstore.EventData {
+		data, _ := json.Marshal(rec)
+		return eventstore.EventData{Type: typ, Data: data, Metadata: md}
+	}
+	compensating := in.Status == Compensating
+	switch in.Status {
+	case Completed, Compensated, NeedsAttention:
+		return nil, time.Time{}, nil
+	}
+	step := in.Current
+	if in.AbortReason != "" && !compensating && !in.InFlight {
+		return []eventstore.EventData{emit(TypeCompensating, record{Reason: in.AbortReason})}, time.Time{}, nil
+	}
+	if step < 0 { // nothing under way: what comes next?
+		if !compensating {
+			next := len(in.Completed)
+			if next == len(r.def.Steps) {
+				return []eventstore.EventData{emit(TypeCompleted, record{})}, time.Time{}, nil
+			}
+			return r.startAttempt(ctx, in, next, false, 1, emit)
+		}
+		next := in.nextCompensation()
+		if next < 0 {
+			return []eventstore.EventData{emit(TypeCompensated, record{})}, time.Time{}, nil
+		}
+		if !r.def.Steps[next].Compensation.defined() {
+			return []eventstore.EventData{emit(TypeStepSucceeded, record{Step: next, StepName: r.def.Steps[next].Name,
+				Compensating: true, Reason: "nothing to undo"})}, time.Time{}, nil
+		}
+		return r.startAttempt(ctx, in, next, true, 1, emit)
+	}
+	action := r.def.Steps[step].Action
+	if compensating {
+		action = r.def.Steps[step].Compensation
+	}
+	switch {
+	case in.InFlight && !now.Before(in.Deadline):
+		return r.failure(in, step, compensating, in.Attempt, fmt.Errorf("deadline passed (%s)", r.def.timeout(step)), emit), time.Time{}, nil
+	case in.InFlight && action.do != nil:
+		// Started by a runner that did not record the outcome (it died, or
+		// another runner is at it): run it again, with the same key.
+		return r.runLocal(ctx, in, step, compensating, in.Attempt, action, emit)
+	case in.InFlight:
+		return nil, in.Deadline, nil // the reply, or the deadline, moves it on
+	case !in.RetryAt.IsZero() && now.Before(in.RetryAt):
+		return nil, in.RetryAt, nil
+	default: // a failed attempt whose retry is due
+		return r.startAttempt(ctx, in, step, compensating, in.Attempt+1, emit)
+	}
+}
+
+type emitFunc func(string, record) eventstore.EventData
+
+// startAttempt records the start of an attempt (with its command, for a Send
+// action) and, for a local action, runs it.
+func (r *Runner) startAttempt(ctx context.Context, in *Instance, step int, compensating bool, attempt int, emit emitFunc) ([]eventstore.EventData, time.Time, error) {
+	action := r.def.Steps[step].Action
+	if compensating {
+		action = r.def.Steps[step].Compensation
+	}
+	now := r.cfg.Clock()
+	rec := record{Step: step, StepName: r.def.Steps[step].Name, Compensating: compensating, Attempt: attempt,
+		Deadline: now.Add(r.def.timeout(step))}
+	if action.send != nil {
+		sc := in.stepContext(r.def, step, compensating, attempt)
+		topic, msg, err := action.send(sc)
+		if err != nil {
+			return r.failure(in, step, compensating, attempt, fmt.Errorf("building the command: %w", err), emit), time.Time{}, nil
+		}
+		rec.Topic, rec.Payload, rec.Metadata = topic, msg.Payload, map[string]string{}
+		for k, v := range msg.Metadata {
+			rec.Metadata[k] = v
+		}
+		rec.Metadata[bus.KeyIdempotency] = sc.Key
+		rec.Metadata[bus.KeyReplyTo] = r.cfg.ReplyTopic
+		rec.Metadata[bus.KeyCorrelationID] = replyID(in.ID, step, compensating)
+		return []eventstore.EventData{emit(TypeStepStarted, rec)}, time.Time{}, nil
+	}
+	// Record the start first, so a crash during the action is seen as an
+	// attempt in flight, then run it and record the outcome.
+	if _, err := r.store.Append(ctx, StreamID(r.def.Name, in.ID), eventstore.Exact(in.Version),
+		[]eventstore.EventData{emit(TypeStepStarted, rec)}); err != nil {
+		return nil, time.Time{}, err
+	}
+	in.Version++
+	in.InFlight, in.Current, in.Attempt, in.Deadline = true, step, attempt, rec.Deadline
+	return r.runLocal(ctx, in, step, compensating, attempt, action, emit)
+}
+
+func (r *Runner) runLocal(ctx context.Context, in *Instance, step int, compensating bool, attempt int, action Action, emit emitFunc) ([]eventstore.EventData, time.Time, error) {
+	actx, cancel := context.WithTimeout(ctx, max(in.Deadline.Sub(r.cfg.Clock()), time.Millisecond))
+	out, err := action.do(actx, in.stepContext(r.def, step, compensating, attempt))
+	cancel()
+	if ctx.Err() != nil {
+		return nil, time.Time{}, ctx.Err() // stopping: the next runner runs it again
+	}
+	if err != nil {
+		return r.failure(in, step, compensating, attempt, err, emit), time.Time{}, nil
+	}
+	return []eventstore.EventData{emit(TypeStepSucceeded, record{Step: step, StepName: r.def.Steps[step].Name,
+		Compensating: compensating, Attempt: attempt, Output: out})}, time.Time{}, nil
+}
+
+// failure records a failed attempt, and what follows: a retry later, or
+// compensation (for a step), or needs-attention (for a compensation).
+func (r *Runner) failure(in *Instance, step int, compensating bool, attempt int, cause error, emit emitFunc) []eventstore.EventData {
+	policy := r.def.retry(step)
+	rec := record{Step: step, StepName: r.def.Steps[step].Name, Compensating: compensating, Attempt: attempt,
+		Error: cause.Error(), Permanent: bus.IsPermanent(cause)}
+	if !rec.Permanent && attempt < policy.MaxAttempts {
+		rec.RetryAt = r.cfg.Clock().Add(policy.delay(attempt, rand.Float64()))
+		return []eventstore.EventData{emit(TypeStepFailed, rec)}
+	}
+	why := fmt.Sprintf("step %s failed", rec.StepName)
+	if rec.Permanent {
+		why += " permanently: "
+	} else {
+		why += fmt.Sprintf(" %d times: ", attempt)
+	}
+	why += cause.Error()
+	if compensating {
+		return []eventstore.EventData{emit(TypeStepFailed, rec),
+			emit(TypeNeedsAttention, record{Step: step, StepName: rec.StepName, Compensating: true, Reason: "compensation of " + why})}
+	}
+	return []eventstore.EventData{emit(TypeStepFailed, rec), emit(TypeCompensating, record{Step: step, StepName: rec.StepName, Reason: why})}
+}
+
+// replyID is the correlation id of a step's commands: the same for every
+// attempt, so a late reply to an earlier attempt still completes the step.
+func replyID(id string, step int, compensating bool) string {
+	phase := "do"
+	if compensating {
+		phase = "undo"
+	}
+	return id + "|" + strconv.Itoa(step) + "|" + phase
+}
+
+func parseReplyID(s string) (id string, step int, compensating bool, ok bool) {
+	rest, phase, ok1 := cutLast(s, "|")
+	id, n, ok2 := cutLast(rest, "|")
+	step, err := strconv.Atoi(n)
+	if !ok1 || !ok2 || err != nil || (phase != "do" && phase != "undo") {
+		return "", 0, false, false
+	}
+	return id, step, phase == "undo", true
+}
+
+func cutLast(s, sep string) (string, string, bool) {
+	i := strings.LastIndex(s, sep)
+	if i < 0 {
+		return s, "", false
+	}
+	return s[:i], s[i+len(sep):], true
+}
+
+// consumeReplies records the replies to commands as step outcomes.
+func (r *Runner) consumeReplies(ctx context.Context, replies <-chan *message.Message) {
+	for msg := range replies {
+		if err := r.onReply(ctx, msg); err != nil && ctx.Err() == nil {
+			r.cfg.Logger.Warn("saga: recording a reply failed; it will come again", "saga", r.def.Name, "err", err)
+			msg.Nack()
+			continue
+		}
+		msg.Ack()
+	}
+}
+
+func (r *Runner) onReply(ctx context.Context, msg *message.Message) error {
+	id, step, compensating, ok := parseReplyID(msg.Metadata.Get(bus.KeyCorrelationID))
+	if !ok || step < 0 || step >= len(r.def.Steps) {
+		r.cfg.Logger.Warn("saga: dropping a reply that names no step", "saga", r.def.Name, "correlation_id", msg.Metadata.Get(bus.KeyCorrelationID))
+		return nil
+	}
+	stream := StreamID(r.def.Name, id)
+	for conflicts := 0; ; conflicts++ {
+		events, err := eventstore.LoadStream(ctx, r.store, stream)
+		if err != nil {
+			return err
+		}
+		in, err := fold(r.def.Name, id, events)
+		if err != nil || len(events) == 0 {
+			return err
+		}
+		phaseOK := (in.Status == Compensating) == compensating && (in.Status == Running || in.Status == Compensating)
+		if !phaseOK || in.Current != step {
+			return nil // a late or repeated reply: the step has moved on
+		}
+		md := eventstore.Metadata{CorrelationID: events[0].Metadata.CorrelationID, CausationID: msg.UUID,
+			TraceParent: msg.Metadata.Get(bus.KeyTraceParent), TraceState: msg.Metadata.Get(bus.KeyTraceState)}
+		emit := func(typ string, rec record) eventstore.EventData {
+			data, _ := json.Marshal(rec)
+			return eventstore.EventData{Type: typ, Data: data, Metadata: md}
+		}
+		var next []eventstore.EventData
+		if rerr := bus.ReplyErr(msg); rerr != nil {
+			if !in.InFlight {
+				return nil // the attempt already timed out; its retry will ask again
+			}
+			next = r.failure(in, step, compensating, in.Attempt, rerr, emit)
+		} else {
+			next = []eventstore.EventData{emit(TypeStepSucceeded, record{Step: step, StepName: r.def.Steps[step].Name,
+				Compensating: compensating, Attempt: in.Attempt, Output: msg.Payload})}
+		}
+		_, err = r.store.Append(ctx, stream, eventstore.Exact(in.Version), next)
+		if errors.Is(err, eventstore.ErrConcurrencyConflict) && conflicts < 50 {
+			continue
+		}
+		if err == nil {
+			r.due(id, time.Time{})
+		}
+		return err
+	}
+}
+
+// commandTopic and commandMessage turn a step_started event with a command
+// into the message the relay publishes.
+func commandTopic(e eventstore.Event) string {
+	var rec record
+	if json.Unmarshal(e.Data, &rec) != nil {
+		return ""
+	}
+	return rec.Topic
+}
+
+func commandMessage(_ context.Context, e eventstore.Event) (*message.Message, error) {
+	var rec record
+	if err := json.Unmarshal(e.Data, &rec); err != nil {
+		return nil, err
+	}
+	if rec.Topic == "" {
+		return nil, nil // a local action: nothing to send
+	}
+	msg := message.NewMessage(e.ID.String(), rec.Payload)
+	for k, v := range rec.Metadata {
+		msg.Metadata[k] = v
+	}
+	return msg, nil
+}
