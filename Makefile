@@ -1,6 +1,6 @@
 # stele: the commands the README names.
 GO       ?= go
-SERVICES ?= postgres
+SERVICES ?= postgres rabbitmq nats redis
 BENCH    ?= .
 
 .PHONY: help test test-short lint bench services fmt
@@ -8,7 +8,7 @@ BENCH    ?= .
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-services: ## start PostgreSQL (and SERVICES="postgres rabbitmq nats redis") when not listening
+services: ## start PostgreSQL, RabbitMQ, NATS and Redis when not listening (choose with SERVICES="postgres nats")
 	@scripts/services.sh $(SERVICES)
 
 test: services ## the whole suite, race detector on, against real PostgreSQL

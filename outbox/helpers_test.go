@@ -3,6 +3,7 @@ package outbox_test
 import (
 	"context"
 	"fmt"
+	"os"
 	"strconv"
 	"sync"
 	"testing"
@@ -10,12 +11,21 @@ import (
 	"github.com/ThreeDotsLabs/watermill"
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/ThreeDotsLabs/watermill/pubsub/gochannel"
+	"github.com/rcrowley/go-metrics"
 
 	"github.com/stele-dev/stele/bus"
 	"github.com/stele-dev/stele/internal/testdb"
 )
 
-func TestMain(m *testing.M) { testdb.VerifyMain(m) }
+func TestMain(m *testing.M) {
+	if os.Getenv(childEnv) != "" {
+		os.Exit(relayChild()) // a relay process for TestRelayProcessKilled
+	}
+	// Sarama's go-metrics meters start a process-wide ticker that never
+	// stops; goleak would report it after the Kafka tests.
+	metrics.UseNilMetrics = true
+	testdb.VerifyMain(m)
+}
 
 // delivery is one message as a consumer saw it.
 type delivery struct {

@@ -51,7 +51,7 @@ start_redis() {
 }
 
 want=("$@")
-[ ${#want[@]} -eq 0 ] && want=(postgres)
+[ ${#want[@]} -eq 0 ] && want=(postgres rabbitmq nats redis)
 rc=0
 for s in "${want[@]}"; do
   "start_$s" || rc=1

@@ -61,7 +61,7 @@ func newRootCmd() *cobra.Command {
 		newMigrateCmd(g),
 		newStreamsCmd(g),
 		newBenchCmd(g),
-		newProjectionsCmd(g), newDLQCmd(g),
+		newProjectionsCmd(g), newDLQCmd(g), newOutboxCmd(g), newBusCmd(g),
 	)
 	return root
 }

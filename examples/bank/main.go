@@ -3,10 +3,16 @@
 // between accounts, with snapshots every 50 events, and a read model of
 // balances fed by a projection (readmodel.go, docs/projections.md).
 //
-// It runs on the in-memory store by default; give --dsn to use PostgreSQL:
+// An outbox relay publishes the account events, as public messages, to a
+// bus, where a statements service keeps a line per message (notify.go,
+// docs/outbox.md).
+//
+// It runs on the in-memory store and the in-process bus by default; give
+// --dsn to use PostgreSQL and --bus to use a broker:
 //
 //	go run ./examples/bank
-//	go run ./examples/bank --dsn 'postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable'
+//	go run ./examples/bank --dsn 'postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable' \
+//	    --bus amqp://guest:guest@127.0.0.1:5672/
 package main
 
 import (
@@ -16,13 +22,16 @@ import (
 	"fmt"
 	"io"
 	"log"
+	"log/slog"
 	"os"
+	"time"
 
 	"github.com/jmoiron/sqlx"
 	_ "github.com/lib/pq" // driver "postgres"
 
 	"github.com/stele-dev/stele/aggregate"
 	"github.com/stele-dev/stele/aggregate/pgsnapshot"
+	"github.com/stele-dev/stele/bus/broker"
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/memstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
@@ -31,14 +40,25 @@ import (
 func main() {
 	dsn := flag.String("dsn", "", "PostgreSQL URL (default: the in-memory store)")
 	schema := flag.String("schema", "bank", "PostgreSQL schema to keep the events and snapshots in")
+	busURL := flag.String("bus", "gochannel", "the bus: gochannel, postgres://…, amqp://…, nats://…, redis://… or kafka://…")
 	flag.Parse()
 
 	ctx := context.Background()
+	busCfg, err := broker.ParseURL(*busURL)
+	if err != nil {
+		log.Fatal(err)
+	}
+	busCfg.Logger = slog.New(slog.DiscardHandler)
+	b, err := broker.Open(ctx, busCfg)
+	if err != nil {
+		log.Fatal(err)
+	}
+	defer b.Close()
 	store, snaps, closeStore, err := open(ctx, *dsn, *schema)
 	if err != nil {
 		log.Fatal(err)
 	}
-	err = run(ctx, os.Stdout, store, snaps)
+	err = run(ctx, os.Stdout, store, snaps, b)
 	closeStore()
 	if err != nil {
 		log.Fatal(err)
@@ -79,11 +99,17 @@ func open(ctx context.Context, dsn, schema string) (eventstore.Store, aggregate.
 	return store, snaps, closeAll, nil
 }
 
-func run(ctx context.Context, w io.Writer, store eventstore.Store, snaps aggregate.SnapshotStore) error {
+func run(ctx context.Context, w io.Writer, store eventstore.Store, snaps aggregate.SnapshotStore, b *broker.Broker) error {
 	bank, err := NewBank(store, snaps)
 	if err != nil {
 		return err
 	}
+	// The statements service listens on the bus; the relay publishes to it.
+	statements, stopStatements, err := StartStatements(ctx, store, b)
+	if err != nil {
+		return err
+	}
+	defer stopStatements()
 	// The read model follows the log from the start, live.
 	balances, readModel, err := StartReadModel(ctx, store)
 	if err != nil {
@@ -158,5 +184,36 @@ func run(ctx context.Context, w io.Writer, store eventstore.Store, snaps aggrega
 	for _, b := range rows {
 		fmt.Fprintf(w, "  %-4s %5d at v%d\n", b.Account, b.Balance, b.Version)
 	}
+
+	// The statements service hears of every account event through the bus.
+	want, err := accountEvents(ctx, store)
+	if err != nil {
+		return err
+	}
+	for deadline := time.Now().Add(30 * time.Second); statements.Handled() < want; time.Sleep(5 * time.Millisecond) {
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("statements: only %d of %d messages arrived in 30s", statements.Handled(), want)
+		}
+	}
+	fmt.Fprintf(w, "statements (%d messages over the %s bus):\n", want, b.Kind())
+	statements.Print(w)
 	return nil
+}
+
+// accountEvents counts the events of every account stream.
+func accountEvents(ctx context.Context, store eventstore.Store) (int, error) {
+	n := 0
+	for after := ""; ; {
+		page, err := store.ListStreams(ctx, eventstore.ListStreamsOpts{Category: "account", After: after})
+		if err != nil {
+			return 0, err
+		}
+		for _, si := range page {
+			n += int(si.Version)
+		}
+		if len(page) < eventstore.DefaultPageSize {
+			return n, nil
+		}
+		after = page[len(page)-1].StreamID
+	}
 }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"strings"
 	"sync"
@@ -14,10 +15,12 @@ import (
 	"github.com/stele-dev/stele/aggregate"
 	"github.com/stele-dev/stele/aggregate/aggregatetest"
 	"github.com/stele-dev/stele/aggregate/pgsnapshot"
+	"github.com/stele-dev/stele/bus/broker"
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/memstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/internal/testdb"
+	"github.com/stele-dev/stele/internal/testsvc"
 )
 
 func TestMain(m *testing.M) { testdb.VerifyMain(m) }
@@ -40,18 +43,62 @@ read model "balances":
   ada    480 at v4
   bob    -80 at v5
   cy     600 at v5
+statements (14 messages over the gochannel bus):
+  ada  account opened, +500 opening-ada, -120 t-1, +100 t-3
+  bob  account opened, +200 opening-bob, +120 t-1, -300 t-2, -100 t-3
+  cy   account opened, +50 opening-cy, +300 salary-1, -50 atm-1, +300 t-2
 `
 
 func checkDemo(t *testing.T, store eventstore.Store, snaps aggregate.SnapshotStore) {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	checkDemoOver(t, store, snaps, broker.Config{Kind: broker.GoChannel}, wantDemo)
+}
+
+func checkDemoOver(t *testing.T, store eventstore.Store, snaps aggregate.SnapshotStore, busCfg broker.Config, want string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
+	busCfg.Logger = slog.New(slog.DiscardHandler)
+	b, err := broker.Open(ctx, busCfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
 	var out strings.Builder
-	if err := run(ctx, &out, store, snaps); err != nil {
+	if err := run(ctx, &out, store, snaps, b); err != nil {
 		t.Fatalf("run: %v\noutput so far:\n%s", err, out.String())
 	}
-	if out.String() != wantDemo {
-		t.Errorf("output:\n%s\nwant:\n%s", out.String(), wantDemo)
+	if out.String() != want {
+		t.Errorf("output:\n%s\nwant:\n%s", out.String(), want)
+	}
+}
+
+// TestDemoOverBrokers: the same story with the events in PostgreSQL and the
+// statements service on the other side of a real broker, deduping through
+// the PostgreSQL inbox; its lines are in its own table too.
+func TestDemoOverBrokers(t *testing.T) {
+	for _, c := range []struct {
+		name, addr string
+		cfg        broker.Config
+	}{
+		{"amqp", "127.0.0.1:5672", broker.Config{URL: "amqp://guest:guest@127.0.0.1:5672/"}},
+		{"nats", "127.0.0.1:4222", broker.Config{URL: "nats://127.0.0.1:4222"}},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			testsvc.Require(t, c.name, c.addr)
+			store, snaps := pgBackend(t, "postgres")
+			want := strings.Replace(wantDemo, "over the gochannel bus", "over the "+c.name+" bus", 1)
+			checkDemoOver(t, store, snaps, c.cfg, want)
+			pg := store.(*pgstore.Store)
+			var lines, inbox int
+			if err := pg.DB().QueryRow(`SELECT (SELECT count(*) FROM "`+pg.Schema()+`".statement_lines),
+				(SELECT count(*) FROM "`+pg.Schema()+`".inbox WHERE consumer = 'statements')`).Scan(&lines, &inbox); err != nil {
+				t.Fatal(err)
+			}
+			if lines != 14 || inbox != 14 {
+				t.Fatalf("%d statement lines and %d inbox rows, want 14 of each", lines, inbox)
+			}
+		})
 	}
 }
 
@@ -98,8 +145,13 @@ func TestOpenRefusesAnEarlierRun(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	b, err := broker.Open(ctx, broker.Config{Kind: broker.GoChannel})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer b.Close()
 	var out strings.Builder
-	err = run(ctx, &out, store, snaps)
+	err = run(ctx, &out, store, snaps, b)
 	closeStore()
 	if err != nil || out.String() != wantDemo {
 		t.Fatalf("first run: %v\n%s", err, out.String())

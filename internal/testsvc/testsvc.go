@@ -1,0 +1,51 @@
+// Package testsvc gives tests the local services they need (RabbitMQ, NATS,
+// Redis, ...) and unique names to isolate what they create there.
+//
+// A test calls Require first: when the service is not listening the test is
+// skipped with a hint to start it (`make services`), unless
+// STELE_REQUIRE_SERVICES is set (CI sets it), then the test fails.
+package testsvc
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"net"
+	"os"
+	"strings"
+	"testing"
+	"time"
+)
+
+// DialTimeout is how long Require waits for a service to accept a connection.
+const DialTimeout = time.Second
+
+// Required reports whether a missing service fails tests instead of skipping
+// them.
+func Required() bool { return os.Getenv("STELE_REQUIRE_SERVICES") != "" }
+
+// Require dials addr (host:port) and, when nothing accepts the connection
+// within DialTimeout, skips the test, or fails it when STELE_REQUIRE_SERVICES
+// is set. name says which service it is in the message.
+func Require(t testing.TB, name, addr string) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, DialTimeout)
+	if err == nil {
+		_ = conn.Close()
+		return
+	}
+	msg := name + " is not listening on " + addr + " (" + err.Error() + "); start it with `make services`"
+	if Required() {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+}
+
+// Name returns prefix followed by 12 random lowercase hex digits, a name no
+// other test (in this or another process) uses: a topic, a consumer group, a
+// queue. The result is lowercase and contains only [a-z0-9._-] when prefix
+// does.
+func Name(prefix string) string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return strings.ToLower(prefix) + hex.EncodeToString(b)
+}
