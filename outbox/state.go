@@ -222,7 +222,9 @@ func (s *pgState) read(ctx context.Context, name string) (Status, error) {
 	if until.Unix() > 0 {
 		st.LeaseUntil = until
 	}
-	st.Checkpoint.TxID, _ = strconv.ParseUint(tx, 10, 64)
+	if st.Checkpoint.TxID, err = strconv.ParseUint(tx, 10, 64); err != nil {
+		return st, fmt.Errorf("outbox: relay %s: checkpoint transaction id %q: %w", name, tx, err)
+	}
 	st.LastPublishAt = lastAt.Time
 	st.LastLatency = time.Duration(latency.Float64 * float64(time.Millisecond))
 	st.LastError = lastErr.String

@@ -53,8 +53,17 @@ func openPostgres(ctx context.Context, cfg Config, logger watermill.LoggerAdapte
 		return fail(err)
 	}
 	if cfg.Schema != "" {
-		if _, err := db.ExecContext(pctx, `CREATE SCHEMA IF NOT EXISTS `+quoteIdent(cfg.Schema)); err != nil {
-			return fail(fmt.Errorf("creating schema %s: %w", cfg.Schema, err))
+		// CREATE SCHEMA IF NOT EXISTS needs the CREATE privilege even when the
+		// schema exists, which an application role should not have: create
+		// it only when it is missing.
+		var exists bool
+		if err := db.QueryRowContext(pctx, `SELECT to_regnamespace($1) IS NOT NULL`, quoteIdent(cfg.Schema)).Scan(&exists); err != nil {
+			return fail(fmt.Errorf("looking up schema %s: %w", cfg.Schema, err))
+		}
+		if !exists {
+			if _, err := db.ExecContext(pctx, `CREATE SCHEMA IF NOT EXISTS `+quoteIdent(cfg.Schema)); err != nil {
+				return fail(fmt.Errorf("creating schema %s: %w", cfg.Schema, err))
+			}
 		}
 	}
 
