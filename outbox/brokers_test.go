@@ -27,28 +27,6 @@ import (
 	"github.com/stele-dev/stele/outbox"
 )
 
-func env(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
-}
-
-var (
-	amqpURL  = env("STELE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-	natsURL  = env("STELE_NATS_URL", "nats://127.0.0.1:4222")
-	redisURL = env("STELE_REDIS_URL", "redis://127.0.0.1:6379/0")
-)
-
-func hostPort(u string) string {
-	_, rest, _ := strings.Cut(u, "://")
-	if _, after, ok := strings.Cut(rest, "@"); ok {
-		rest = after
-	}
-	host, _, _ := strings.Cut(rest, "/")
-	return host
-}
-
 var quiet = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelError}))
 
 func openBroker(t *testing.T, cfg broker.Config) *broker.Broker {
@@ -81,10 +59,10 @@ func brokerCases() []brokerCase {
 			return openBroker(t, broker.Config{DB: testdb.Open(t, "postgres"), Schema: schema, PollInterval: 10 * time.Millisecond})
 		}},
 		{name: "rabbitmq", open: func(t *testing.T, _ string) *broker.Broker {
-			testsvc.Require(t, "RabbitMQ", hostPort(amqpURL))
-			return openBroker(t, broker.Config{URL: amqpURL})
+			testsvc.Require(t, "RabbitMQ", testsvc.HostPort(testsvc.AMQPURL))
+			return openBroker(t, broker.Config{URL: testsvc.AMQPURL})
 		}, cleanup: func(t *testing.T, topic string) {
-			conn, err := amqp091.Dial(amqpURL)
+			conn, err := amqp091.Dial(testsvc.AMQPURL)
 			if err != nil {
 				return
 			}
@@ -97,10 +75,10 @@ func brokerCases() []brokerCase {
 			_ = ch.ExchangeDelete(topic, false, false)
 		}},
 		{name: "nats", open: func(t *testing.T, _ string) *broker.Broker {
-			testsvc.Require(t, "NATS", hostPort(natsURL))
-			return openBroker(t, broker.Config{URL: natsURL})
+			testsvc.Require(t, "NATS", testsvc.HostPort(testsvc.NATSURL))
+			return openBroker(t, broker.Config{URL: testsvc.NATSURL})
 		}, cleanup: func(t *testing.T, topic string) {
-			nc, err := nats.Connect(natsURL)
+			nc, err := nats.Connect(testsvc.NATSURL)
 			if err != nil {
 				return
 			}
@@ -110,10 +88,10 @@ func brokerCases() []brokerCase {
 			}
 		}},
 		{name: "redis", open: func(t *testing.T, _ string) *broker.Broker {
-			testsvc.Require(t, "Redis", hostPort(redisURL))
-			return openBroker(t, broker.Config{URL: redisURL})
+			testsvc.Require(t, "Redis", testsvc.HostPort(testsvc.RedisURL))
+			return openBroker(t, broker.Config{URL: testsvc.RedisURL})
 		}, cleanup: func(t *testing.T, topic string) {
-			opt, _ := redis.ParseURL(redisURL)
+			opt, _ := redis.ParseURL(testsvc.RedisURL)
 			c := redis.NewClient(opt)
 			defer c.Close()
 			_ = c.Del(context.Background(), topic).Err()
@@ -295,7 +273,7 @@ func relayChild() int {
 		return 2
 	}
 	ctx := context.Background()
-	b, err := broker.Open(ctx, broker.Config{URL: amqpURL, Logger: quiet})
+	b, err := broker.Open(ctx, broker.Config{URL: testsvc.AMQPURL, Logger: quiet})
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 2
@@ -318,10 +296,10 @@ const childBatch = 25
 // over RabbitMQ with an inbox, applies every committed event exactly once;
 // duplicates stay under kills × batch size.
 func TestRelayProcessKilled(t *testing.T) {
-	testsvc.Require(t, "RabbitMQ", hostPort(amqpURL))
+	testsvc.Require(t, "RabbitMQ", testsvc.HostPort(testsvc.AMQPURL))
 	store, schema := pgSetup(t, nil)
 	db := testdb.Open(t, "postgres")
-	b := openBroker(t, broker.Config{URL: amqpURL})
+	b := openBroker(t, broker.Config{URL: testsvc.AMQPURL})
 	topic := testsvc.Name("killed.events")
 	t.Cleanup(func() {
 		for _, bc := range brokerCases() {

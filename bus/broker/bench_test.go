@@ -25,24 +25,24 @@ import (
 //	go test -run '^$' -bench Consume -benchtime 20000x ./bus/broker/
 func BenchmarkConsume(b *testing.B) {
 	b.Run("amqp", func(b *testing.B) {
-		testsvc.Require(b, "RabbitMQ", hostPort(amqpURL))
-		benchConsume(b, broker.Config{URL: amqpURL}, deleteAMQP)
+		testsvc.Require(b, "RabbitMQ", testsvc.HostPort(testsvc.AMQPURL))
+		benchConsume(b, broker.Config{URL: testsvc.AMQPURL}, deleteAMQP)
 	})
 	b.Run("amqp-router", func(b *testing.B) {
-		testsvc.Require(b, "RabbitMQ", hostPort(amqpURL))
-		benchConsume(b, broker.Config{URL: amqpURL}, deleteAMQP, withRouter)
+		testsvc.Require(b, "RabbitMQ", testsvc.HostPort(testsvc.AMQPURL))
+		benchConsume(b, broker.Config{URL: testsvc.AMQPURL}, deleteAMQP, withRouter)
 	})
 	b.Run("nats", func(b *testing.B) {
-		testsvc.Require(b, "NATS", hostPort(natsURL))
-		benchConsume(b, broker.Config{URL: natsURL}, deleteNATS)
+		testsvc.Require(b, "NATS", testsvc.HostPort(testsvc.NATSURL))
+		benchConsume(b, broker.Config{URL: testsvc.NATSURL}, deleteNATS)
 	})
 	b.Run("nats-router", func(b *testing.B) {
-		testsvc.Require(b, "NATS", hostPort(natsURL))
-		benchConsume(b, broker.Config{URL: natsURL}, deleteNATS, withRouter)
+		testsvc.Require(b, "NATS", testsvc.HostPort(testsvc.NATSURL))
+		benchConsume(b, broker.Config{URL: testsvc.NATSURL}, deleteNATS, withRouter)
 	})
 	b.Run("redis", func(b *testing.B) {
-		testsvc.Require(b, "Redis", hostPort(redisURL))
-		benchConsume(b, broker.Config{URL: redisURL}, deleteRedis)
+		testsvc.Require(b, "Redis", testsvc.HostPort(testsvc.RedisURL))
+		benchConsume(b, broker.Config{URL: testsvc.RedisURL}, deleteRedis)
 	})
 	b.Run("postgres", func(b *testing.B) {
 		db := testdb.Open(b, "pgx")

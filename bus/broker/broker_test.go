@@ -34,29 +34,6 @@ func TestMain(m *testing.M) {
 // testLogger shows what Watermill logs at warning level and above.
 var testLogger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelWarn}))
 
-func env(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
-}
-
-var (
-	amqpURL  = env("STELE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-	natsURL  = env("STELE_NATS_URL", "nats://127.0.0.1:4222")
-	redisURL = env("STELE_REDIS_URL", "redis://127.0.0.1:6379/0")
-)
-
-// hostPort is the host:port of a service URL, for testsvc.Require.
-func hostPort(u string) string {
-	_, rest, _ := strings.Cut(u, "://")
-	if _, after, ok := strings.Cut(rest, "@"); ok {
-		rest = after
-	}
-	host, _, _ := strings.Cut(rest, "/")
-	return host
-}
-
 func mustOpen(t *testing.T, cfg broker.Config) *broker.Broker {
 	t.Helper()
 	cfg.Logger = testLogger
@@ -129,9 +106,9 @@ func TestPostgresURL(t *testing.T) {
 }
 
 func TestRabbitMQ(t *testing.T) {
-	testsvc.Require(t, "RabbitMQ", hostPort(amqpURL))
+	testsvc.Require(t, "RabbitMQ", testsvc.HostPort(testsvc.AMQPURL))
 	bustest.Run(t, func(t *testing.T) *broker.Broker {
-		return mustOpen(t, broker.Config{URL: amqpURL})
+		return mustOpen(t, broker.Config{URL: testsvc.AMQPURL})
 	}, bustest.Features{
 		ConsumerGroups: true,
 		Persistent:     true,
@@ -140,9 +117,9 @@ func TestRabbitMQ(t *testing.T) {
 }
 
 func TestNATS(t *testing.T) {
-	testsvc.Require(t, "NATS", hostPort(natsURL))
+	testsvc.Require(t, "NATS", testsvc.HostPort(testsvc.NATSURL))
 	bustest.Run(t, func(t *testing.T) *broker.Broker {
-		return mustOpen(t, broker.Config{URL: natsURL})
+		return mustOpen(t, broker.Config{URL: testsvc.NATSURL})
 	}, bustest.Features{
 		ConsumerGroups: true,
 		Persistent:     true,
@@ -151,9 +128,9 @@ func TestNATS(t *testing.T) {
 }
 
 func TestRedis(t *testing.T) {
-	testsvc.Require(t, "Redis", hostPort(redisURL))
+	testsvc.Require(t, "Redis", testsvc.HostPort(testsvc.RedisURL))
 	bustest.Run(t, func(t *testing.T) *broker.Broker {
-		return mustOpen(t, broker.Config{URL: redisURL})
+		return mustOpen(t, broker.Config{URL: testsvc.RedisURL})
 	}, bustest.Features{
 		ConsumerGroups: true,
 		Persistent:     true,
@@ -163,7 +140,7 @@ func TestRedis(t *testing.T) {
 
 // deleteAMQP deletes the exchange and the groups' queues of a topic.
 func deleteAMQP(t testing.TB, topic string, groups []string) {
-	conn, err := amqp091.Dial(amqpURL)
+	conn, err := amqp091.Dial(testsvc.AMQPURL)
 	if err != nil {
 		t.Errorf("cleanup: %v", err)
 		return
@@ -187,7 +164,7 @@ func deleteAMQP(t testing.TB, topic string, groups []string) {
 
 // deleteNATS deletes the stream of a topic, and so its consumers.
 func deleteNATS(t testing.TB, topic string, _ []string) {
-	nc, err := nats.Connect(natsURL)
+	nc, err := nats.Connect(testsvc.NATSURL)
 	if err != nil {
 		t.Errorf("cleanup: %v", err)
 		return
@@ -204,7 +181,7 @@ func deleteNATS(t testing.TB, topic string, _ []string) {
 
 // deleteRedis deletes the stream (key) of a topic, and so its groups.
 func deleteRedis(t testing.TB, topic string, _ []string) {
-	opt, _ := redis.ParseURL(redisURL)
+	opt, _ := redis.ParseURL(testsvc.RedisURL)
 	c := redis.NewClient(opt)
 	defer c.Close()
 	if err := c.Del(context.Background(), topic).Err(); err != nil {

@@ -49,3 +49,28 @@ func Name(prefix string) string {
 	_, _ = rand.Read(b)
 	return strings.ToLower(prefix) + hex.EncodeToString(b)
 }
+
+// The brokers' URLs in tests: STELE_AMQP_URL, STELE_NATS_URL and
+// STELE_REDIS_URL, or the local defaults.
+var (
+	AMQPURL  = env("STELE_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+	NATSURL  = env("STELE_NATS_URL", "nats://127.0.0.1:4222")
+	RedisURL = env("STELE_REDIS_URL", "redis://127.0.0.1:6379/0")
+)
+
+func env(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
+
+// HostPort is the host:port of a service URL, for Require.
+func HostPort(u string) string {
+	_, rest, _ := strings.Cut(u, "://")
+	if _, after, ok := strings.Cut(rest, "@"); ok {
+		rest = after
+	}
+	host, _, _ := strings.Cut(rest, "/")
+	return host
+}
