@@ -16,13 +16,14 @@ var ErrNoSaga = errors.New("saga: no such saga")
 
 // StateError is an operator request the saga's state does not allow.
 type StateError struct {
-	ID     string
-	Status Status
-	Want   string
+	Definition string
+	ID         string
+	Status     Status
+	Want       string
 }
 
 func (e *StateError) Error() string {
-	return fmt.Sprintf("saga %s is %s; %s", e.ID, e.Status, e.Want)
+	return fmt.Sprintf("saga %s %s is %s; %s", e.Definition, e.ID, e.Status, e.Want)
 }
 
 // Load returns a saga as its stream tells it.
@@ -86,14 +87,20 @@ func Abort(ctx context.Context, store eventstore.Store, definition, id, reason s
 }
 
 func request(ctx context.Context, store eventstore.Store, definition, id, typ, reason string, want Status, why string) error {
-	in, err := Load(ctx, store, definition, id)
-	if err != nil {
+	data, _ := json.Marshal(record{Reason: reason})
+	// A runner may move the saga between our read and our write: read again.
+	for attempt := 0; ; attempt++ {
+		in, err := Load(ctx, store, definition, id)
+		if err != nil {
+			return err
+		}
+		if in.Status != want {
+			return &StateError{Definition: definition, ID: id, Status: in.Status, Want: why}
+		}
+		_, err = store.Append(ctx, StreamID(definition, id), eventstore.Exact(in.Version), []eventstore.EventData{{Type: typ, Data: data}})
+		if errors.Is(err, eventstore.ErrConcurrencyConflict) && attempt < 20 {
+			continue
+		}
 		return err
 	}
-	if in.Status != want {
-		return &StateError{ID: id, Status: in.Status, Want: why}
-	}
-	data, _ := json.Marshal(record{Reason: reason})
-	_, err = store.Append(ctx, StreamID(definition, id), eventstore.Exact(in.Version), []eventstore.EventData{{Type: typ, Data: data}})
-	return err
 }

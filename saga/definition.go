@@ -77,6 +77,14 @@ func Send(fn func(sc StepContext) (topic string, msg *message.Message, err error
 
 func (a Action) defined() bool { return a.do != nil || a.send != nil }
 
+// DoFunc is the function of an action made with Do (nil for others), and
+// SendFunc the command builder of one made with Send. Decorators (package
+// telemetry) use them to wrap an action in one of the same kind.
+func (a Action) DoFunc() func(context.Context, StepContext) ([]byte, error) { return a.do }
+
+// SendFunc: see DoFunc.
+func (a Action) SendFunc() func(StepContext) (string, *message.Message, error) { return a.send }
+
 // StepContext is what an action knows.
 type StepContext struct {
 	SagaID       string
@@ -90,6 +98,10 @@ type StepContext struct {
 	Input []byte
 	// Outputs holds the outputs of the steps completed so far, by step name.
 	Outputs map[string][]byte
+	// TraceParent and TraceState are the W3C trace context of the event
+	// that started the saga, so a step's work joins the business action's
+	// trace (package telemetry uses them).
+	TraceParent, TraceState string
 }
 
 // RetryPolicy says how often and how fast a failing step is retried before

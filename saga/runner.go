@@ -68,6 +68,7 @@ type Runner struct {
 
 	starts *projection.Runner
 	relay  *outbox.Relay
+	inline inlineState // RunDue's, on a runner not started
 }
 
 // NewRunner checks def and cfg.
@@ -225,7 +226,10 @@ func (r *Runner) onEvent(ctx context.Context, e eventstore.Event) error {
 	switch {
 	case e.Type == r.def.StartedBy && (r.def.Category == "" || eventstore.Category(e.StreamID) == r.def.Category):
 		return r.startSaga(ctx, e)
-	case (e.Type == TypeRetryRequested || e.Type == TypeAbortRequested) && eventstore.Category(e.StreamID) == Category(r.def.Name):
+	case (e.Type == TypeStarted || e.Type == TypeRetryRequested || e.Type == TypeAbortRequested) &&
+		eventstore.Category(e.StreamID) == Category(r.def.Name):
+		// A start too: another runner (or this one, before a restart) may
+		// have started the saga after loadOpen looked, and not driven it.
 		r.due(strings.TrimPrefix(e.StreamID, Category(r.def.Name)+"-"), time.Time{})
 	}
 	return nil
@@ -233,7 +237,13 @@ func (r *Runner) onEvent(ctx context.Context, e eventstore.Event) error {
 
 func (r *Runner) startSaga(ctx context.Context, e eventstore.Event) error {
 	id := r.def.ID(e)
-	data, err := json.Marshal(record{Input: jsonOrString(e.Data), InputType: e.Type})
+	rec := record{InputType: e.Type}
+	if json.Valid(e.Data) {
+		rec.Input = e.Data
+	} else {
+		rec.InputBytes = e.Data // kept as it is, not quoted: StepContext.Input gives it back
+	}
+	data, err := json.Marshal(rec)
 	if err != nil {
 		return err
 	}
@@ -245,23 +255,16 @@ func (r *Runner) startSaga(ctx context.Context, e eventstore.Event) error {
 	_, err = r.store.Append(ctx, StreamID(r.def.Name, id), eventstore.NoStream,
 		[]eventstore.EventData{{Type: TypeStarted, Data: data, Metadata: md}})
 	if errors.Is(err, eventstore.ErrConcurrencyConflict) {
-		return nil // started before: a redelivered starting event
+		// Started before: a redelivered starting event, or another runner's
+		// start. Drive it anyway; if it has ended, that costs one read.
+		r.due(id, time.Time{})
+		return nil
 	}
 	if err != nil {
 		return fmt.Errorf("saga %s: starting %s: %w", r.def.Name, id, err)
 	}
 	r.due(id, time.Time{})
 	return nil
-}
-
-// jsonOrString keeps a JSON payload as it is and quotes anything else, so
-// the started record stays valid JSON.
-func jsonOrString(b []byte) json.RawMessage {
-	if json.Valid(b) {
-		return b
-	}
-	q, _ := json.Marshal(string(b))
-	return q
 }
 
 // due asks for saga id to be driven at (or after) at; zero means now. A
@@ -319,7 +322,8 @@ func (r *Runner) schedule(ctx context.Context) {
 				r.release(id, at, open)
 			})
 		}
-		t := time.NewTimer(max(time.Until(next), time.Millisecond))
+		// next is on the runner's clock, which need not be the wall clock.
+		t := time.NewTimer(max(next.Sub(r.cfg.Clock()), time.Millisecond))
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -353,8 +357,37 @@ func (r *Runner) release(id string, at time.Time, open bool) {
 
 // RunDue drives every open saga that is due now, synchronously, until none
 // is: what the background scheduler does, for tests with a virtual clock.
+//
+// On a runner that was not started, RunDue also does in the caller's
+// goroutine what Start does in the background: its first call finds the open
+// sagas, and every call reads the feed on from where the last one stopped
+// (starting a saga for each starting event, noticing operators' requests)
+// and publishes the commands of Send steps through Config.Publisher. Give
+// it the replies with HandleReply. That position is kept in memory, whatever
+// Config.DB says. So a test (sagatest does) runs sagas with no goroutine
+// and no real waiting; do not Start a runner used that way.
 func (r *Runner) RunDue(ctx context.Context) error {
+	r.mu.Lock()
+	inline := !r.started
+	r.mu.Unlock()
+	if inline {
+		r.inline.mu.Lock()
+		defer r.inline.mu.Unlock()
+		if !r.inline.loaded {
+			if err := r.loadOpen(ctx); err != nil {
+				return err
+			}
+			r.inline.loaded = true
+		}
+	}
 	for {
+		read := 0
+		if inline {
+			var err error
+			if read, err = r.catchUp(ctx); err != nil {
+				return err
+			}
+		}
 		now := r.cfg.Clock()
 		r.mu.Lock()
 		var ready []string
@@ -365,17 +398,75 @@ func (r *Runner) RunDue(ctx context.Context) error {
 			}
 		}
 		r.mu.Unlock()
-		if len(ready) == 0 {
+		if len(ready) == 0 && read == 0 {
 			return nil
 		}
+		var failed error
 		for _, id := range ready {
+			if failed != nil {
+				r.release(id, time.Time{}, true) // still due: the next call drives it
+				continue
+			}
 			at, open, err := r.drive(ctx, id)
 			r.release(id, at, open)
-			if err != nil {
-				return err
-			}
+			failed = err
+		}
+		if failed != nil {
+			return failed
 		}
 	}
+}
+
+// inlineState is where a runner that is not started, driven by RunDue, is
+// in the feed.
+type inlineState struct {
+	mu     sync.Mutex
+	loaded bool
+	feed   eventstore.Position
+}
+
+// catchUp reads the feed after the inline position: it starts sagas,
+// notices requests, and publishes commands, as the background feed reader
+// and relay of a started runner do. It returns how many events it read.
+func (r *Runner) catchUp(ctx context.Context) (int, error) {
+	const page = 256
+	n := 0
+	for {
+		events, err := r.store.ReadAll(ctx, eventstore.ReadAllOpts{After: r.inline.feed, Limit: page})
+		if err != nil {
+			return n, fmt.Errorf("saga %s: reading the feed: %w", r.def.Name, err)
+		}
+		for _, e := range events {
+			if err := r.onEvent(ctx, e); err != nil {
+				return n, err
+			}
+			if r.cfg.Publisher != nil && e.Type == TypeStepStarted && eventstore.Category(e.StreamID) == Category(r.def.Name) {
+				if err := r.publishCommand(ctx, e); err != nil {
+					return n, err
+				}
+			}
+			r.inline.feed = e.Position
+			n++
+		}
+		if len(events) < page {
+			return n, nil
+		}
+	}
+}
+
+// publishCommand publishes the command of a step_started event, as the
+// relay of a started runner does (a local action's start has none).
+func (r *Runner) publishCommand(ctx context.Context, e eventstore.Event) error {
+	msg, err := commandMessage(ctx, e)
+	if err != nil || msg == nil {
+		return err
+	}
+	bus.Stamp(msg, e)
+	msg.SetContext(ctx)
+	if err := r.cfg.Publisher.Publish(commandTopic(e), msg); err != nil {
+		return fmt.Errorf("saga %s: publishing the command of %s v%d: %w", r.def.Name, e.StreamID, e.Version, err)
+	}
+	return nil
 }
 
 // Load returns the saga id as its stream tells it.
@@ -388,6 +479,7 @@ func (r *Runner) Load(ctx context.Context, id string) (*Instance, error) {
 // false when the saga has ended.
 func (r *Runner) drive(ctx context.Context, id string) (at time.Time, open bool, err error) {
 	stream := StreamID(r.def.Name, id)
+	var ran *outcome // a local action that ran, its outcome not yet recorded
 	for conflicts := 0; ; {
 		if err := ctx.Err(); err != nil {
 			return time.Time{}, true, err
@@ -403,8 +495,18 @@ func (r *Runner) drive(ctx context.Context, id string) (at time.Time, open bool,
 		if err != nil {
 			return time.Time{}, false, err
 		}
-		next, wait, err := r.decide(ctx, in, events[0].Metadata)
-		if err != nil {
+		var next []eventstore.EventData
+		var wait time.Time
+		if ran.pending(in) {
+			// The action ran, but the stream moved before its outcome was
+			// recorded (an operator's request came in): record the outcome
+			// now rather than run the action a second time.
+			next = ran.events
+		} else if next, wait, ran, err = r.decide(ctx, in, events[0].Metadata); err != nil {
+			if errors.Is(err, eventstore.ErrConcurrencyConflict) && conflicts < 50 {
+				conflicts++
+				continue // the attempt's start lost a race: look again
+			}
 			return time.Time{}, true, err
 		}
 		if next == nil {
@@ -417,43 +519,61 @@ func (r *Runner) drive(ctx context.Context, id string) (at time.Time, open bool,
 			}
 			return time.Time{}, true, err
 		}
+		ran = nil
 	}
+}
+
+// outcome is what a local action's attempt came to: the events recording it.
+type outcome struct {
+	step, attempt int
+	compensating  bool
+	events        []eventstore.EventData
+}
+
+// pending reports whether o's attempt is still in flight in in, so its
+// outcome is still to be recorded.
+func (o *outcome) pending(in *Instance) bool {
+	return o != nil && in.InFlight && in.Current == o.step && in.Attempt == o.attempt &&
+		(in.Status == Compensating) == o.compensating && (in.Status == Running || in.Status == Compensating)
 }
 
 // decide returns the events that move the saga on, or, when it must wait,
 // until when. Local actions run here, between the append that records their
-// start and the one that records their outcome.
-func (r *Runner) decide(ctx context.Context, in *Instance, md eventstore.Metadata) ([]eventstore.EventData, time.Time, error) {
+// start and the one that records their outcome; ran is then that outcome.
+func (r *Runner) decide(ctx context.Context, in *Instance, md eventstore.Metadata) (next []eventstore.EventData, wait time.Time, ran *outcome, err error) {
 	now := r.cfg.Clock()
 	md = eventstore.Metadata{CorrelationID: md.CorrelationID, TraceParent: md.TraceParent, TraceState: md.TraceState}
 	emit := func(typ string, rec record) eventstore.EventData {
 		data, _ := json.Marshal(rec)
 		return eventstore.EventData{Type: typ, Data: data, Metadata: md}
 	}
+	one := func(e eventstore.EventData) ([]eventstore.EventData, time.Time, *outcome, error) {
+		return []eventstore.EventData{e}, time.Time{}, nil, nil
+	}
 	compensating := in.Status == Compensating
 	switch in.Status {
 	case Completed, Compensated, NeedsAttention:
-		return nil, time.Time{}, nil
+		return nil, time.Time{}, nil, nil
 	}
 	step := in.Current
 	if in.AbortReason != "" && !compensating && !in.InFlight {
-		return []eventstore.EventData{emit(TypeCompensating, record{Reason: in.AbortReason})}, time.Time{}, nil
+		return one(emit(TypeCompensating, record{Reason: in.AbortReason}))
 	}
 	if step < 0 { // nothing under way: what comes next?
 		if !compensating {
 			next := len(in.Completed)
 			if next == len(r.def.Steps) {
-				return []eventstore.EventData{emit(TypeCompleted, record{})}, time.Time{}, nil
+				return one(emit(TypeCompleted, record{}))
 			}
 			return r.startAttempt(ctx, in, next, false, 1, emit)
 		}
 		next := in.nextCompensation()
 		if next < 0 {
-			return []eventstore.EventData{emit(TypeCompensated, record{})}, time.Time{}, nil
+			return one(emit(TypeCompensated, record{}))
 		}
 		if !r.def.Steps[next].Compensation.defined() {
-			return []eventstore.EventData{emit(TypeStepSucceeded, record{Step: next, StepName: r.def.Steps[next].Name,
-				Compensating: true, Reason: "nothing to undo"})}, time.Time{}, nil
+			return one(emit(TypeStepSucceeded, record{Step: next, StepName: r.def.Steps[next].Name,
+				Compensating: true, Reason: "nothing to undo"}))
 		}
 		return r.startAttempt(ctx, in, next, true, 1, emit)
 	}
@@ -463,15 +583,15 @@ func (r *Runner) decide(ctx context.Context, in *Instance, md eventstore.Metadat
 	}
 	switch {
 	case in.InFlight && !now.Before(in.Deadline):
-		return r.failure(in, step, compensating, in.Attempt, fmt.Errorf("deadline passed (%s)", r.def.timeout(step)), emit), time.Time{}, nil
+		return r.failure(in, step, compensating, in.Attempt, fmt.Errorf("deadline passed (%s)", r.def.timeout(step)), emit), time.Time{}, nil, nil
 	case in.InFlight && action.do != nil:
 		// Started by a runner that did not record the outcome (it died, or
 		// another runner is at it): run it again, with the same key.
 		return r.runLocal(ctx, in, step, compensating, in.Attempt, action, emit)
 	case in.InFlight:
-		return nil, in.Deadline, nil // the reply, or the deadline, moves it on
+		return nil, in.Deadline, nil, nil // the reply, or the deadline, moves it on
 	case !in.RetryAt.IsZero() && now.Before(in.RetryAt):
-		return nil, in.RetryAt, nil
+		return nil, in.RetryAt, nil, nil
 	default: // a failed attempt whose retry is due
 		return r.startAttempt(ctx, in, step, compensating, in.Attempt+1, emit)
 	}
@@ -481,7 +601,7 @@ type emitFunc func(string, record) eventstore.EventData
 
 // startAttempt records the start of an attempt (with its command, for a Send
 // action) and, for a local action, runs it.
-func (r *Runner) startAttempt(ctx context.Context, in *Instance, step int, compensating bool, attempt int, emit emitFunc) ([]eventstore.EventData, time.Time, error) {
+func (r *Runner) startAttempt(ctx context.Context, in *Instance, step int, compensating bool, attempt int, emit emitFunc) ([]eventstore.EventData, time.Time, *outcome, error) {
 	action := r.def.Steps[step].Action
 	if compensating {
 		action = r.def.Steps[step].Compensation
@@ -492,8 +612,16 @@ func (r *Runner) startAttempt(ctx context.Context, in *Instance, step int, compe
 	if action.send != nil {
 		sc := in.stepContext(r.def, step, compensating, attempt)
 		topic, msg, err := action.send(sc)
+		switch {
+		case err != nil:
+			err = fmt.Errorf("building the command: %w", err)
+		case msg == nil:
+			err = bus.Permanent(errors.New("building the command: no message"))
+		case topic == "":
+			err = bus.Permanent(errors.New("building the command: no topic"))
+		}
 		if err != nil {
-			return r.failure(in, step, compensating, attempt, fmt.Errorf("building the command: %w", err), emit), time.Time{}, nil
+			return r.failure(in, step, compensating, attempt, err, emit), time.Time{}, nil, nil
 		}
 		rec.Topic, rec.Payload, rec.Metadata = topic, msg.Payload, map[string]string{}
 		for k, v := range msg.Metadata {
@@ -502,31 +630,34 @@ func (r *Runner) startAttempt(ctx context.Context, in *Instance, step int, compe
 		rec.Metadata[bus.KeyIdempotency] = sc.Key
 		rec.Metadata[bus.KeyReplyTo] = r.cfg.ReplyTopic
 		rec.Metadata[bus.KeyCorrelationID] = replyID(in.ID, step, compensating)
-		return []eventstore.EventData{emit(TypeStepStarted, rec)}, time.Time{}, nil
+		return []eventstore.EventData{emit(TypeStepStarted, rec)}, time.Time{}, nil, nil
 	}
 	// Record the start first, so a crash during the action is seen as an
 	// attempt in flight, then run it and record the outcome.
 	if _, err := r.store.Append(ctx, StreamID(r.def.Name, in.ID), eventstore.Exact(in.Version),
 		[]eventstore.EventData{emit(TypeStepStarted, rec)}); err != nil {
-		return nil, time.Time{}, err
+		return nil, time.Time{}, nil, err
 	}
 	in.Version++
 	in.InFlight, in.Current, in.Attempt, in.Deadline = true, step, attempt, rec.Deadline
 	return r.runLocal(ctx, in, step, compensating, attempt, action, emit)
 }
 
-func (r *Runner) runLocal(ctx context.Context, in *Instance, step int, compensating bool, attempt int, action Action, emit emitFunc) ([]eventstore.EventData, time.Time, error) {
+func (r *Runner) runLocal(ctx context.Context, in *Instance, step int, compensating bool, attempt int, action Action, emit emitFunc) ([]eventstore.EventData, time.Time, *outcome, error) {
 	actx, cancel := context.WithTimeout(ctx, max(in.Deadline.Sub(r.cfg.Clock()), time.Millisecond))
 	out, err := action.do(actx, in.stepContext(r.def, step, compensating, attempt))
 	cancel()
 	if ctx.Err() != nil {
-		return nil, time.Time{}, ctx.Err() // stopping: the next runner runs it again
+		return nil, time.Time{}, nil, ctx.Err() // stopping: the next runner runs it again
 	}
+	var next []eventstore.EventData
 	if err != nil {
-		return r.failure(in, step, compensating, attempt, err, emit), time.Time{}, nil
+		next = r.failure(in, step, compensating, attempt, err, emit)
+	} else {
+		next = []eventstore.EventData{emit(TypeStepSucceeded, record{Step: step, StepName: r.def.Steps[step].Name,
+			Compensating: compensating, Attempt: attempt, Output: out})}
 	}
-	return []eventstore.EventData{emit(TypeStepSucceeded, record{Step: step, StepName: r.def.Steps[step].Name,
-		Compensating: compensating, Attempt: attempt, Output: out})}, time.Time{}, nil
+	return next, time.Time{}, &outcome{step: step, attempt: attempt, compensating: compensating, events: next}, nil
 }
 
 // failure records a failed attempt, and what follows: a retry later, or
@@ -593,6 +724,16 @@ func (r *Runner) consumeReplies(ctx context.Context, replies <-chan *message.Mes
 	}
 }
 
+// HandleReply records a reply to one of the runner's commands, as a started
+// runner does with each message on Config.ReplyTopic. It is for replies that
+// reach the application another way (a handler of its own, or sagatest with
+// a runner that is not started). A reply that names no step of this
+// definition, or comes after its step moved on, is ignored. The saga then
+// moves on in the background, or at the next RunDue.
+func (r *Runner) HandleReply(ctx context.Context, reply *message.Message) error {
+	return r.onReply(ctx, reply)
+}
+
 func (r *Runner) onReply(ctx context.Context, msg *message.Message) error {
 	id, step, compensating, ok := parseReplyID(msg.Metadata.Get(bus.KeyCorrelationID))
 	if !ok || step < 0 || step >= len(r.def.Steps) {
@@ -624,6 +765,12 @@ func (r *Runner) onReply(ctx context.Context, msg *message.Message) error {
 			if !in.InFlight {
 				return nil // the attempt already timed out; its retry will ask again
 			}
+			if c := msg.Metadata.Get(bus.KeyCausationID); c != "" && c != lastStarted(events).ID.String() {
+				// An error answering an earlier attempt's command (bus.Reply
+				// names the command as the cause): it is not this attempt's
+				// outcome. A success to any attempt completes the step.
+				return nil
+			}
 			next = r.failure(in, step, compensating, in.Attempt, rerr, emit)
 		} else {
 			next = []eventstore.EventData{emit(TypeStepSucceeded, record{Step: step, StepName: r.def.Steps[step].Name,
@@ -638,6 +785,17 @@ func (r *Runner) onReply(ctx context.Context, msg *message.Message) error {
 		}
 		return err
 	}
+}
+
+// lastStarted is the last step_started event of a saga's stream: the
+// attempt in flight, when one is.
+func lastStarted(events []eventstore.Event) eventstore.Event {
+	for i := len(events) - 1; i >= 0; i-- {
+		if events[i].Type == TypeStepStarted {
+			return events[i]
+		}
+	}
+	return eventstore.Event{}
 }
 
 // commandTopic and commandMessage turn a step_started event with a command

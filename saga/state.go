@@ -40,7 +40,8 @@ const (
 
 // record is the body of every saga event; each type uses some fields.
 type record struct {
-	Input        json.RawMessage `json:"input,omitempty"` // started: the starting event's data
+	Input        json.RawMessage `json:"input,omitempty"`       // started: the starting event's data, when JSON
+	InputBytes   []byte          `json:"input_bytes,omitempty"` // started: the starting event's data, when not
 	InputType    string          `json:"input_type,omitempty"`
 	Step         int             `json:"step"`
 	StepName     string          `json:"step_name,omitempty"`
@@ -65,7 +66,7 @@ type HistoryEntry struct {
 	Step         string
 	Compensating bool
 	Attempt      int
-	Detail       string // an error, a reason, or a deadline
+	Detail       string // an error, a reason, a deadline, or a step's output
 }
 
 // Instance is a saga as its stream tells it.
@@ -89,9 +90,14 @@ type Instance struct {
 	Deadline     time.Time // of the attempt in flight
 	RetryAt      time.Time // when a failed attempt may be retried (zero: not waiting)
 	LastError    string
-	FailedReason string // why the saga compensates or needs attention
-	AbortReason  string // an operator asked to abort; set while the step under way finishes
-	History      []HistoryEntry
+	FailedReason string // why the saga compensates: the step that failed for good, or an abort
+	// AttentionReason says which compensation failed for good while the saga
+	// needs attention; a retry clears it.
+	AttentionReason string
+	AbortReason     string // an operator asked to abort; set while the step under way finishes
+	History         []HistoryEntry
+
+	traceParent, traceState string // of the starting event
 }
 
 // fold builds an Instance from a saga's events.
@@ -116,10 +122,18 @@ func (in *Instance) apply(e eventstore.Event) error {
 	switch e.Type {
 	case TypeStarted:
 		in.Status, in.Input, in.StartedAt = Running, r.Input, e.RecordedAt
+		in.traceParent, in.traceState = e.Metadata.TraceParent, e.Metadata.TraceState
+		if r.InputBytes != nil {
+			in.Input = r.InputBytes
+		}
 	case TypeStepStarted:
 		in.Current, in.Attempt, in.InFlight, in.Deadline, in.RetryAt = r.Step, r.Attempt, true, r.Deadline, time.Time{}
 		h.Detail = "deadline " + r.Deadline.Format(time.RFC3339Nano)
 	case TypeStepSucceeded:
+		h.Detail = string(r.Output)
+		if r.Reason != "" {
+			h.Detail = r.Reason
+		}
 		in.InFlight, in.RetryAt, in.LastError = false, time.Time{}, ""
 		if r.Compensating {
 			in.Compensated[r.Step] = true
@@ -140,7 +154,7 @@ func (in *Instance) apply(e eventstore.Event) error {
 	case TypeCompensated:
 		in.Status = Compensated
 	case TypeNeedsAttention:
-		in.Status, in.FailedReason = NeedsAttention, r.Reason
+		in.Status, in.AttentionReason = NeedsAttention, r.Reason
 		in.InFlight, in.RetryAt = false, time.Time{}
 		h.Detail = r.Reason
 	case TypeRetryRequested:
@@ -148,14 +162,14 @@ func (in *Instance) apply(e eventstore.Event) error {
 		// compensation (or step) that failed gets a fresh set of attempts.
 		// Only compensations end a saga in needs-attention.
 		if in.Status == NeedsAttention {
-			in.Status = Compensating
+			in.Status, in.AttentionReason, in.LastError = Compensating, "", ""
 			in.Current, in.Attempt, in.RetryAt = -1, 0, time.Time{}
 		}
 		h.Detail = r.Reason
 	case TypeAbortRequested:
 		// The step under way, if any, finishes first (its effect may have
 		// happened); then the runner compensates.
-		if in.Status == Running {
+		if in.Status == Running && in.AbortReason == "" { // the first request's reason stands
 			in.AbortReason = "aborted: " + r.Reason
 			if r.Reason == "" {
 				in.AbortReason = "aborted"
@@ -191,5 +205,5 @@ func (in *Instance) stepContext(def Definition, step int, compensating bool, att
 		key += ":compensate"
 	}
 	return StepContext{SagaID: in.ID, Step: def.Steps[step].Name, Compensating: compensating, Attempt: attempt,
-		Key: key, Input: in.Input, Outputs: outs}
+		Key: key, Input: in.Input, Outputs: outs, TraceParent: in.traceParent, TraceState: in.traceState}
 }

@@ -61,7 +61,7 @@ func newRootCmd() *cobra.Command {
 		newMigrateCmd(g),
 		newStreamsCmd(g),
 		newBenchCmd(g),
-		newProjectionsCmd(g), newDLQCmd(g), newOutboxCmd(g), newBusCmd(g),
+		newProjectionsCmd(g), newDLQCmd(g), newOutboxCmd(g), newBusCmd(g), newSagasCmd(g),
 	)
 	return root
 }

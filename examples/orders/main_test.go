@@ -1,0 +1,103 @@
+package main
+
+import (
+	"context"
+	"strings"
+	"testing"
+
+	"github.com/stele-dev/stele/internal/testdb"
+	"github.com/stele-dev/stele/internal/testsvc"
+)
+
+func TestMain(m *testing.M) { testdb.VerifyMain(m) }
+
+const wantStory = `placed order-1001: Ada orders 2 book for 40, card 4242-4242
+placed order-1002: Bob orders 1 lamp for 120, card 4000-0002
+placed order-1003: Cy orders 9 chair for 450, card 4242-4242
+placed order-1004: Dee orders 1 book for 20, card 4000-0119
+
+order-1001 (Ada):
+  done    accept order: order accepted
+  done    reserve inventory: 2 book reserved
+  done    charge payment: 40 charged
+  done    schedule shipment: parcel booked for tomorrow
+  done    confirm order: confirmed
+  => completed
+
+order-1002 (Bob):
+  done    accept order: order accepted
+  done    reserve inventory: 1 lamp reserved
+  failed  charge payment: card declined
+  undoing what was done, last first
+  undone  reserve inventory: 1 lamp back in stock
+  undone  accept order: cancelled
+  => compensated
+
+order-1003 (Cy):
+  done    accept order: order accepted
+  failed  reserve inventory: only 4 chair in stock
+  undoing what was done, last first
+  undone  accept order: cancelled
+  => compensated
+
+order-1004 (Dee):
+  done    accept order: order accepted
+  done    reserve inventory: 1 book reserved
+  failed  charge payment: payment gateway timed out
+  charge payment: attempt 2
+  done    charge payment: 20 charged
+  done    schedule shipment: parcel booked for tomorrow
+  done    confirm order: confirmed
+  => completed
+
+stock left: book 7, lamp 3, chair 4
+money kept: order-1001 40, order-1004 20
+parcels booked: order-1001, order-1004
+`
+
+func story(t *testing.T, e *env) string {
+	t.Helper()
+	defer e.close()
+	var out strings.Builder
+	if err := run(context.Background(), &out, e); err != nil {
+		t.Fatalf("run: %v\noutput so far:\n%s", err, out.String())
+	}
+	return out.String()
+}
+
+// TestStory: with nothing installed (memory store, in-process bus) the
+// example tells the story the README promises.
+func TestStory(t *testing.T) {
+	e, err := open(context.Background(), "", "", "gochannel")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := story(t, e); got != wantStory {
+		t.Fatalf("story:\n%s\nwant:\n%s", got, wantStory)
+	}
+}
+
+// TestStoryOverPostgresAndBrokers: the same story with the events and sagas
+// in PostgreSQL and the services on the other side of a real broker.
+func TestStoryOverPostgresAndBrokers(t *testing.T) {
+	for _, c := range []struct{ name, addr, url string }{
+		{"amqp", "127.0.0.1:5672", "amqp://guest:guest@127.0.0.1:5672/"},
+		{"nats", "127.0.0.1:4222", "nats://127.0.0.1:4222"},
+		{"postgres", "", testdb.DSN()},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if c.addr != "" {
+				testsvc.Require(t, c.name, c.addr)
+			}
+			schema := testdb.Schema(t, testdb.Open(t, "postgres"))
+			e, err := open(context.Background(), testdb.DSN(), schema, c.url)
+			if err != nil {
+				t.Fatal(err)
+			}
+			e.prefix = testsvc.Name("orders") + "."
+			if got := story(t, e); got != wantStory {
+				t.Fatalf("story:\n%s\nwant:\n%s", got, wantStory)
+			}
+		})
+	}
+}
