@@ -140,6 +140,11 @@ func Reply(pub message.Publisher, req, reply *message.Message) error {
 	}
 	reply.Metadata.Set(KeyCorrelationID, req.Metadata.Get(KeyCorrelationID))
 	reply.Metadata.Set(KeyCausationID, req.UUID)
+	// The reply is published in the request's context (which holds the
+	// handler's span when it is traced), so it continues the request's trace.
+	if reply.Context() == context.Background() {
+		reply.SetContext(req.Context())
+	}
 	return pub.Publish(to, reply)
 }
 

@@ -210,7 +210,7 @@ func (r *Relay) Run(ctx context.Context) error {
 			return ctx.Err()
 		}
 		if errors.Is(err, errLeaseLost) {
-			r.cfg.Logger.Warn("outbox: relay lost its lease; waiting to take it back", "relay", r.cfg.Name, "epoch", l.epoch)
+			r.cfg.Logger.WarnContext(ctx, "outbox: relay lost its lease; waiting to take it back", "relay", r.cfg.Name, "epoch", l.epoch)
 			continue
 		}
 		if err != nil {
@@ -224,7 +224,7 @@ func (r *Relay) releaseLease(l *heldLease) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if err := r.state.release(ctx, r.cfg.Name, l.epoch); err != nil {
-		r.cfg.Logger.Warn("outbox: releasing the lease", "relay", r.cfg.Name, "err", err)
+		r.cfg.Logger.WarnContext(ctx, "outbox: releasing the lease", "relay", r.cfg.Name, "err", err)
 	}
 }
 
@@ -243,13 +243,13 @@ func (r *Relay) acquire(ctx context.Context) (*heldLease, error) {
 		start := time.Now()
 		l, ok, err := r.state.acquire(ctx, r.cfg.Name, r.cfg.Owner, r.cfg.LeaseTTL)
 		if err != nil && ctx.Err() == nil {
-			r.cfg.Logger.Warn("outbox: taking the lease", "relay", r.cfg.Name, "err", err)
+			r.cfg.Logger.WarnContext(ctx, "outbox: taking the lease", "relay", r.cfg.Name, "err", err)
 		}
 		if ok {
 			if l.checkpoint == eventstore.Start {
 				l.checkpoint = r.cfg.From
 			}
-			r.cfg.Logger.Info("outbox: relay holds the lease", "relay", r.cfg.Name, "epoch", l.epoch, "after", l.checkpoint)
+			r.cfg.Logger.InfoContext(ctx, "outbox: relay holds the lease", "relay", r.cfg.Name, "epoch", l.epoch, "after", l.checkpoint)
 			return &heldLease{lease: l, deadline: start.Add(r.cfg.LeaseTTL)}, nil
 		}
 		if !sleep(ctx, r.cfg.LeaseRetry) {
@@ -318,7 +318,7 @@ func (r *Relay) session(ctx context.Context, l *heldLease) error {
 			return err
 		default:
 			failures++
-			r.cfg.Logger.Warn("outbox: relay failed; retrying from its checkpoint", "relay", r.cfg.Name, "attempt", failures, "err", err)
+			r.cfg.Logger.WarnContext(ctx, "outbox: relay failed; retrying from its checkpoint", "relay", r.cfg.Name, "attempt", failures, "err", err)
 			_ = r.state.fail(ctx, r.cfg.Name, l.epoch, err)
 			if !sleep(ctx, backoff(r.cfg.Backoff, r.cfg.MaxBackoff, failures)) {
 				return ctx.Err()

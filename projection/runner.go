@@ -138,7 +138,7 @@ func (r *Runner) reportState(ctx context.Context, s State, cause error) {
 		msg = &m
 	}
 	if _, err := r.cfg.DB.ExecContext(ctx, r.sql.setState, r.cfg.Name, string(s), msg); err != nil {
-		r.cfg.Logger.Warn("projection: recording state failed", "projection", r.cfg.Name, "state", s, "err", err)
+		r.cfg.Logger.WarnContext(ctx, "projection: recording state failed", "projection", r.cfg.Name, "state", s, "err", err)
 	}
 }
 
@@ -154,11 +154,11 @@ func (r *Runner) run(ctx context.Context) {
 			r.err = fatal.err
 			r.mu.Unlock()
 			r.setState(ctx, StateFailed)
-			r.cfg.Logger.Error("projection stopped", "projection", r.cfg.Name, "err", fatal.err)
+			r.cfg.Logger.ErrorContext(ctx, "projection stopped", "projection", r.cfg.Name, "err", fatal.err)
 			return
 		}
 		// The database went away or the lease was lost: start over.
-		r.cfg.Logger.Warn("projection session ended; retrying", "projection", r.cfg.Name, "err", err)
+		r.cfg.Logger.WarnContext(ctx, "projection session ended; retrying", "projection", r.cfg.Name, "err", err)
 		if !sleep(ctx, r.cfg.LeaseRetry) {
 			break
 		}
@@ -236,7 +236,7 @@ const retryRequestPoll = 2 * time.Second
 func (r *Runner) retryRequested(ctx context.Context) {
 	var ids []int64
 	if err := r.cfg.DB.SelectContext(ctx, &ids, r.sql.requested, r.cfg.Name); err != nil {
-		r.cfg.Logger.Warn("projection: reading retry requests failed", "projection", r.cfg.Name, "err", err)
+		r.cfg.Logger.WarnContext(ctx, "projection: reading retry requests failed", "projection", r.cfg.Name, "err", err)
 		return
 	}
 	var handler any = r.h
@@ -251,7 +251,7 @@ func (r *Runner) retryRequested(ctx context.Context) {
 		if err != nil {
 			r.cfg.DB.ExecContext(ctx, `UPDATE `+r.sql.table+` SET retry_requested_at = NULL, error = $2, attempts = attempts + 1, failed_at = now() WHERE id = $1`, id, err.Error())
 		}
-		r.cfg.Logger.Info("projection retried a dead letter", "projection", r.cfg.Name, "id", id, "err", err)
+		r.cfg.Logger.InfoContext(ctx, "projection retried a dead letter", "projection", r.cfg.Name, "id", id, "err", err)
 	}
 }
 
@@ -268,7 +268,7 @@ func (r *Runner) acquireLease(ctx context.Context) (*sqlx.Conn, error) {
 		var got bool
 		err = conn.GetContext(ctx, &got, `SELECT pg_try_advisory_lock(hashtextextended($1, 0))`, r.sql.leaseKey+":"+r.cfg.Name)
 		if err == nil && got {
-			r.cfg.Logger.Info("projection lease taken", "projection", r.cfg.Name)
+			r.cfg.Logger.InfoContext(ctx, "projection lease taken", "projection", r.cfg.Name)
 			return conn, nil
 		}
 		conn.Close()
@@ -292,7 +292,7 @@ func (r *Runner) releaseLease(ctx context.Context, conn *sqlx.Conn) {
 	if err != nil || !unlocked {
 		// Do not hand a session that may still hold the lock back to the
 		// pool: make database/sql throw the connection away.
-		r.cfg.Logger.Warn("projection: releasing the lease failed; dropping the connection", "projection", r.cfg.Name, "err", err)
+		r.cfg.Logger.WarnContext(ctx, "projection: releasing the lease failed; dropping the connection", "projection", r.cfg.Name, "err", err)
 		conn.Raw(func(any) error { return driver.ErrBadConn })
 	}
 	conn.Close()
@@ -461,7 +461,7 @@ func (r *Runner) saveCheckpoint(ctx context.Context, conn *sqlx.Conn, pos events
 
 // park records e as a dead letter, in tx or conn (or memory without a DB).
 func (r *Runner) park(ctx context.Context, conn *sqlx.Conn, tx *sqlx.Tx, e eventstore.Event, cause error) error {
-	r.cfg.Logger.Warn("projection parked an event", "projection", r.cfg.Name, "stream", e.StreamID, "version", e.Version, "err", cause)
+	r.cfg.Logger.WarnContext(ctx, "projection parked an event", "projection", r.cfg.Name, "stream", e.StreamID, "version", e.Version, "err", cause)
 	attempts := r.cfg.Retries + 1
 	switch {
 	case tx != nil:

@@ -99,7 +99,7 @@ func ServeRebuilds(ctx context.Context, store eventstore.Store, cfg ServeConfig)
 		err := cfg.DB.SelectContext(ctx, &pending, `SELECT name, slot, requested_at, started_at, done, total, rate, finished_at, error
 			FROM `+q.rebuilds+` WHERE started_at IS NULL ORDER BY requested_at`)
 		if err != nil && ctx.Err() == nil {
-			cfg.Logger.Warn("projection: reading rebuild requests failed", "err", err)
+			cfg.Logger.WarnContext(ctx, "projection: reading rebuild requests failed", "err", err)
 		}
 		for _, req := range pending {
 			rc, ok := cfg.Rebuilds[req.Name]
@@ -109,7 +109,7 @@ func ServeRebuilds(ctx context.Context, store eventstore.Store, cfg ServeConfig)
 			// Claim it, so one application of several performs it.
 			res, err := cfg.DB.ExecContext(ctx, `UPDATE `+q.rebuilds+` SET started_at = now() WHERE name = $1 AND started_at IS NULL`, req.Name)
 			if err != nil {
-				cfg.Logger.Warn("projection: claiming a rebuild request failed", "projection", req.Name, "err", err)
+				cfg.Logger.WarnContext(ctx, "projection: claiming a rebuild request failed", "projection", req.Name, "err", err)
 				continue
 			}
 			if n, _ := res.RowsAffected(); n == 0 {
@@ -135,7 +135,7 @@ func serveOne(ctx context.Context, store eventstore.Store, cfg ServeConfig, q qu
 			user(p)
 		}
 	}
-	cfg.Logger.Info("projection rebuild started", "projection", req.Name, "slot", req.Slot)
+	cfg.Logger.InfoContext(ctx, "projection rebuild started", "projection", req.Name, "slot", req.Slot)
 	r, err := Rebuild(ctx, store, rc, req.Slot)
 	var msg *string
 	if err != nil {
@@ -144,7 +144,7 @@ func serveOne(ctx context.Context, store eventstore.Store, cfg ServeConfig, q qu
 	}
 	cfg.DB.ExecContext(context.WithoutCancel(ctx), `UPDATE `+q.rebuilds+` SET finished_at = now(), error = $2,
 		done = CASE WHEN $2::text IS NULL THEN greatest(done, total) ELSE done END WHERE name = $1`, req.Name, msg)
-	cfg.Logger.Info("projection rebuild finished", "projection", req.Name, "slot", req.Slot, "err", err)
+	cfg.Logger.InfoContext(ctx, "projection rebuild finished", "projection", req.Name, "slot", req.Slot, "err", err)
 	if err == nil && cfg.Switched != nil {
 		cfg.Switched(req.Name, req.Slot, r)
 	}

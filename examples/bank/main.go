@@ -13,6 +13,11 @@
 //	go run ./examples/bank
 //	go run ./examples/bank --dsn 'postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable' \
 //	    --bus amqp://guest:guest@127.0.0.1:5672/
+//
+// With --trace it traces the run with OpenTelemetry (package telemetry) and
+// prints, after the story, each command's trace as a tree: its reads and
+// appends, the projection applying each event, and the relay's publish and
+// the statements service's handling of it, across the bus.
 package main
 
 import (
@@ -28,6 +33,10 @@ import (
 
 	"github.com/jmoiron/sqlx"
 	_ "github.com/lib/pq" // driver "postgres"
+	metricnoop "go.opentelemetry.io/otel/metric/noop"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/stele-dev/stele/aggregate"
 	"github.com/stele-dev/stele/aggregate/pgsnapshot"
@@ -35,12 +44,14 @@ import (
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/memstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
+	"github.com/stele-dev/stele/telemetry"
 )
 
 func main() {
 	dsn := flag.String("dsn", "", "PostgreSQL URL (default: the in-memory store)")
 	schema := flag.String("schema", "bank", "PostgreSQL schema to keep the events and snapshots in")
 	busURL := flag.String("bus", "gochannel", "the bus: gochannel, postgres://…, amqp://…, nats://…, redis://… or kafka://…")
+	traced := flag.Bool("trace", false, "print each command's trace (OpenTelemetry spans) after the story")
 	flag.Parse()
 
 	ctx := context.Background()
@@ -58,8 +69,22 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	err = run(ctx, os.Stdout, store, snaps, b)
+	var tp *sdktrace.TracerProvider
+	if *traced {
+		// Spans are kept in memory and printed as trees when the provider
+		// shuts down; a service would export them to a collector instead.
+		tp = sdktrace.NewTracerProvider(sdktrace.WithSyncer(telemetry.NewTreeExporter(os.Stdout)))
+		err = runTraced(ctx, os.Stdout, store, snaps, b, tp)
+	} else {
+		err = run(ctx, os.Stdout, store, snaps, b)
+	}
 	closeStore()
+	if tp != nil {
+		fmt.Println()
+		if serr := tp.Shutdown(ctx); serr != nil && err == nil {
+			err = serr
+		}
+	}
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -100,18 +125,40 @@ func open(ctx context.Context, dsn, schema string) (eventstore.Store, aggregate.
 }
 
 func run(ctx context.Context, w io.Writer, store eventstore.Store, snaps aggregate.SnapshotStore, b *broker.Broker) error {
-	bank, err := NewBank(store, snaps)
+	return runTraced(ctx, w, store, snaps, b, nil)
+}
+
+// runTraced is run, traced through tp when it is not nil: each command is
+// a span, and the store, the read model's handler, the relay's publisher
+// and the statements router get the telemetry decorators.
+func runTraced(ctx context.Context, w io.Writer, store eventstore.Store, snaps aggregate.SnapshotStore, b *broker.Broker, tp trace.TracerProvider) error {
+	var tracer trace.Tracer = noop.NewTracerProvider().Tracer("")
+	commands := store
+	var tel *telemetry.Telemetry
+	if tp != nil {
+		var err error
+		if tel, err = telemetry.New(telemetry.Config{TracerProvider: tp, MeterProvider: metricnoop.NewMeterProvider()}); err != nil {
+			return err
+		}
+		tracer, commands = tp.Tracer("examples/bank"), tel.Store(store)
+	}
+	command := func(name string, do func(context.Context) error) error {
+		ctx, span := tracer.Start(ctx, name)
+		defer span.End()
+		return do(ctx)
+	}
+	bank, err := NewBank(commands, snaps)
 	if err != nil {
 		return err
 	}
 	// The statements service listens on the bus; the relay publishes to it.
-	statements, stopStatements, err := StartStatements(ctx, store, b)
+	statements, stopStatements, err := StartStatements(ctx, store, b, tel)
 	if err != nil {
 		return err
 	}
 	defer stopStatements()
 	// The read model follows the log from the start, live.
-	balances, readModel, err := StartReadModel(ctx, store)
+	balances, readModel, err := StartReadModel(ctx, store, tel)
 	if err != nil {
 		return err
 	}
@@ -125,17 +172,19 @@ func run(ctx context.Context, w io.Writer, store eventstore.Store, snaps aggrega
 		{"bob", "Bob Bitdiddle", 100, 200},
 		{"cy", "Cy D. Fect", 0, 50},
 	} {
-		if err := bank.Open(ctx, a.id, a.owner, a.overdraft, a.first); err != nil {
+		if err := command("open "+a.id, func(ctx context.Context) error {
+			return bank.Open(ctx, a.id, a.owner, a.overdraft, a.first)
+		}); err != nil {
 			return err
 		}
 		fmt.Fprintf(w, "opened %s for %s with %d (overdraft limit %d)\n", a.id, a.owner, a.first, a.overdraft)
 	}
 
-	if err := bank.Deposit(ctx, "cy", 300, "salary-1"); err != nil {
+	if err := command("deposit salary-1", func(ctx context.Context) error { return bank.Deposit(ctx, "cy", 300, "salary-1") }); err != nil {
 		return err
 	}
 	fmt.Fprintln(w, "deposited 300 to cy")
-	if err := bank.Withdraw(ctx, "cy", 50, "atm-1"); err != nil {
+	if err := command("withdraw atm-1", func(ctx context.Context) error { return bank.Withdraw(ctx, "cy", 50, "atm-1") }); err != nil {
 		return err
 	}
 	fmt.Fprintln(w, "withdrew 50 from cy")
@@ -149,7 +198,7 @@ func run(ctx context.Context, w io.Writer, store eventstore.Store, snaps aggrega
 		{"t-3", "bob", "ada", 100}, // bob goes overdrawn, within his limit
 		{"t-4", "ada", "cy", 600},  // more than ada has
 	} {
-		err := bank.Transfer(ctx, t.id, t.from, t.to, t.amount)
+		err := command("transfer "+t.id, func(ctx context.Context) error { return bank.Transfer(ctx, t.id, t.from, t.to, t.amount) })
 		switch {
 		case errors.Is(err, ErrOverdraft):
 			fmt.Fprintf(w, "refused: %v\n", err)

@@ -12,6 +12,8 @@ import (
 	"testing"
 	"time"
 
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+
 	"github.com/stele-dev/stele/aggregate"
 	"github.com/stele-dev/stele/aggregate/aggregatetest"
 	"github.com/stele-dev/stele/aggregate/pgsnapshot"
@@ -21,6 +23,7 @@ import (
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/internal/testdb"
 	"github.com/stele-dev/stele/internal/testsvc"
+	"github.com/stele-dev/stele/telemetry"
 )
 
 func TestMain(m *testing.M) { testdb.VerifyMain(m) }
@@ -465,4 +468,111 @@ func TestGoldenHistory(t *testing.T) {
 	if a.Owner != "Ada Lovelace" || a.OverdraftLimit != 100 || a.Balance != -70 || a.Version() != 5 {
 		t.Errorf("golden history folds to %s", describeAccount(a))
 	}
+}
+
+// TestDemoTraced: with --trace the story is the same, and then each
+// command's trace is printed as a tree. A transfer's tree holds, for each
+// side, the append; under it the read model applying the event, and the
+// relay's publish with the statements service's handling under that.
+func TestDemoTraced(t *testing.T) {
+	for _, c := range []struct {
+		name    string
+		backend func(t *testing.T) (eventstore.Store, aggregate.SnapshotStore)
+	}{
+		{"memory", func(*testing.T) (eventstore.Store, aggregate.SnapshotStore) {
+			return memstore.New(nil), aggregate.NewMemorySnapshots()
+		}},
+		{"postgres", func(t *testing.T) (eventstore.Store, aggregate.SnapshotStore) { return pgBackend(t, "postgres") }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			store, snaps := c.backend(t)
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			b, err := broker.Open(ctx, broker.Config{Kind: broker.GoChannel, Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer b.Close()
+			var story, traces strings.Builder
+			tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(telemetry.NewTreeExporter(&traces)))
+			if err := runTraced(ctx, &story, store, snaps, b, tp); err != nil {
+				t.Fatalf("run: %v\noutput so far:\n%s", err, story.String())
+			}
+			if story.String() != wantDemo {
+				t.Errorf("output:\n%s\nwant:\n%s", story.String(), wantDemo)
+			}
+			if err := tp.Shutdown(ctx); err != nil {
+				t.Fatal(err)
+			}
+			trees := strings.Split(strings.TrimSpace(traces.String()), "\n\n")
+			if len(trees) != 9 {
+				t.Errorf("%d traces, want one per command (9)", len(trees))
+			}
+			var tree []node
+			for _, tr := range trees {
+				if nodes := parseTree(tr); len(nodes) > 0 && strings.HasPrefix(nodes[0].text, "transfer t-1 ") {
+					tree = nodes
+				}
+			}
+			if tree == nil {
+				t.Fatalf("no trace of transfer t-1:\n%s", traces.String())
+			}
+			for _, account := range []string{"account-ada", "account-bob"} {
+				app := child(tree, 0, "stele.append ", "stream="+account)
+				if app < 0 {
+					t.Errorf("transfer t-1's trace has no append to %s under the command:\n%s", account, dump(tree))
+					continue
+				}
+				if child(tree, app, "stele.project balances ", "stream="+account) < 0 {
+					t.Errorf("no projection of the %s event under its append:\n%s", account, dump(tree))
+				}
+				pub := child(tree, app, "stele.publish bank.public ", "stream="+account)
+				if pub < 0 || child(tree, pub, "stele.handle statements ", "topic=bank.public") < 0 {
+					t.Errorf("no publish of the %s event with the statements service's handling under it:\n%s", account, dump(tree))
+				}
+			}
+		})
+	}
+}
+
+// node is a line of a printed trace tree (after its header).
+type node struct {
+	text   string
+	parent int // -1 for a root
+}
+
+func parseTree(tree string) []node {
+	var nodes []node
+	var stack []int // the open nodes, by depth
+	for _, line := range strings.Split(tree, "\n")[1:] {
+		rest := strings.TrimLeft(line, "│├└─ ")
+		depth := len([]rune(line[:len(line)-len(rest)])) / 3
+		stack = stack[:min(depth, len(stack))]
+		parent := -1
+		if depth > 0 && len(stack) == depth {
+			parent = stack[depth-1]
+		}
+		nodes = append(nodes, node{text: rest, parent: parent})
+		stack = append(stack, len(nodes)-1)
+	}
+	return nodes
+}
+
+// child returns the index of a child of parent whose text starts with
+// prefix and contains has, or -1.
+func child(nodes []node, parent int, prefix, has string) int {
+	for i, n := range nodes {
+		if n.parent == parent && strings.HasPrefix(n.text, prefix) && strings.Contains(n.text, has) {
+			return i
+		}
+	}
+	return -1
+}
+
+func dump(nodes []node) string {
+	var b strings.Builder
+	for i, n := range nodes {
+		fmt.Fprintf(&b, "%d (parent %d) %s\n", i, n.parent, n.text)
+	}
+	return b.String()
 }

@@ -25,6 +25,7 @@ import (
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/outbox"
+	"github.com/stele-dev/stele/telemetry"
 )
 
 // PublicTopic is where the bank publishes; MoneyMovedV1 is the public
@@ -132,12 +133,17 @@ func (s *Statements) Print(w interface{ Write([]byte) (int, error) }) {
 }
 
 // StartStatements subscribes the statements service to the bus, then starts
-// the bank's relay. It returns the service and a stop function.
-func StartStatements(ctx context.Context, store eventstore.Store, b *broker.Broker) (*Statements, func(), error) {
+// the bank's relay. It returns the service and a stop function. With tel,
+// the relay's publishes and the service's handling are traced.
+func StartStatements(ctx context.Context, store eventstore.Store, b *broker.Broker, tel *telemetry.Telemetry) (*Statements, func(), error) {
 	quiet := slog.New(slog.DiscardHandler)
 	st := &Statements{lines: map[string][]string{}}
 	var dedupe message.HandlerMiddleware
-	relayCfg := outbox.Config{Name: "bank.public", Publisher: b.Publisher(), Topic: PublicTopic,
+	pub := b.Publisher()
+	if tel != nil {
+		pub = tel.Publisher(pub, "bank.public")
+	}
+	relayCfg := outbox.Config{Name: "bank.public", Publisher: pub, Topic: PublicTopic,
 		Categories: []string{"account"}, Map: publicMessage(eventCodec()), Logger: quiet}
 	routerCfg := bus.RouterConfig{Logger: quiet}
 	if pg, ok := store.(*pgstore.Store); ok {
@@ -163,6 +169,9 @@ func StartStatements(ctx context.Context, store eventstore.Store, b *broker.Brok
 	router, _, err := bus.NewRouter(routerCfg)
 	if err != nil {
 		return nil, nil, err
+	}
+	if tel != nil {
+		router.AddMiddleware(tel.Middleware)
 	}
 	sub, err := b.Subscriber("statements")
 	if err != nil {

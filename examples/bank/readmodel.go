@@ -14,6 +14,7 @@ import (
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/projection"
+	"github.com/stele-dev/stele/telemetry"
 )
 
 // BalancesProjection names the read model's projection: its checkpoint,
@@ -202,8 +203,8 @@ type ReadModel interface {
 
 // StartReadModel starts the balances projection over store: into PostgreSQL
 // tables in the store's schema for a pgstore.Store, in memory otherwise.
-// Stop the runner when done.
-func StartReadModel(ctx context.Context, store eventstore.Store) (*projection.Runner, ReadModel, error) {
+// Stop the runner when done. With tel, each event's handling is traced.
+func StartReadModel(ctx context.Context, store eventstore.Store, tel *telemetry.Telemetry) (*projection.Runner, ReadModel, error) {
 	cfg := projection.Config{Name: BalancesProjection, Category: "account"}
 	var handler any
 	var rm ReadModel
@@ -214,9 +215,15 @@ func StartReadModel(ctx context.Context, store eventstore.Store) (*projection.Ru
 		}
 		cfg.DB, cfg.Schema = pg.DB(), pg.Schema()
 		handler, rm = b, b
+		if tel != nil {
+			handler = tel.ProjectionTxHandler(BalancesProjection, b)
+		}
 	} else {
 		m := NewMemoryBalances()
 		handler, rm = m, m
+		if tel != nil {
+			handler = tel.ProjectionHandler(BalancesProjection, m)
+		}
 	}
 	r, err := projection.NewRunner(store, handler, cfg)
 	if err != nil {

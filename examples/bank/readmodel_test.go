@@ -150,7 +150,7 @@ func TestReadModelPostgres(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			first, _, err := StartReadModel(ctx, store1)
+			first, _, err := StartReadModel(ctx, store1, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -172,7 +172,7 @@ func TestReadModelPostgres(t *testing.T) {
 			}
 
 			transferBurst(t, bank, ids, 2)
-			second, rm, err := StartReadModel(ctx, store)
+			second, rm, err := StartReadModel(ctx, store, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -191,7 +191,7 @@ func TestReadModelPostgres(t *testing.T) {
 func TestReadModelMemory(t *testing.T) {
 	ctx := context.Background()
 	store := memstore.New(nil)
-	r, rm, err := StartReadModel(ctx, store)
+	r, rm, err := StartReadModel(ctx, store, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

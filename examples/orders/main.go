@@ -13,6 +13,11 @@
 //	go run ./examples/orders
 //	go run ./examples/orders --dsn 'postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable' \
 //	    --bus amqp://guest:guest@127.0.0.1:5672/
+//
+// With --trace it traces the run with OpenTelemetry (package telemetry) and
+// prints, after the story, each order's trace as a tree: the order's
+// append, the saga's steps, their commands' publishes and the services'
+// handling of them, across the bus.
 package main
 
 import (
@@ -36,6 +41,10 @@ import (
 	"github.com/google/uuid"
 	"github.com/jmoiron/sqlx"
 	_ "github.com/lib/pq" // driver "postgres"
+	metricnoop "go.opentelemetry.io/otel/metric/noop"
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+	"go.opentelemetry.io/otel/trace"
+	"go.opentelemetry.io/otel/trace/noop"
 
 	"github.com/stele-dev/stele/bus"
 	"github.com/stele-dev/stele/bus/broker"
@@ -43,12 +52,14 @@ import (
 	"github.com/stele-dev/stele/eventstore/memstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/saga"
+	"github.com/stele-dev/stele/telemetry"
 )
 
 func main() {
 	dsn := flag.String("dsn", "", "PostgreSQL URL (default: the in-memory store)")
 	schema := flag.String("schema", "", "PostgreSQL schema (default: a new one, orders_<random>)")
 	busURL := flag.String("bus", "gochannel", "the bus: gochannel, postgres://…, amqp://…, nats://…, redis://… or kafka://…")
+	traced := flag.Bool("trace", false, "print each order's trace (OpenTelemetry spans) after the story")
 	flag.Parse()
 
 	ctx := context.Background()
@@ -56,8 +67,22 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	defer env.close()
-	if err := run(ctx, os.Stdout, env); err != nil {
+	var tp *sdktrace.TracerProvider
+	if *traced {
+		// Spans are kept in memory and printed as trees when the provider
+		// shuts down; a service would export them to a collector instead.
+		tp = sdktrace.NewTracerProvider(sdktrace.WithSyncer(telemetry.NewTreeExporter(os.Stdout)))
+		env.tracing = tp
+	}
+	err = run(ctx, os.Stdout, env)
+	env.close()
+	if tp != nil {
+		fmt.Println()
+		if serr := tp.Shutdown(ctx); serr != nil && err == nil {
+			err = serr
+		}
+	}
+	if err != nil {
 		log.Fatal(err)
 	}
 }
@@ -71,6 +96,9 @@ type env struct {
 	db     *sqlx.DB
 	schema string
 	close  func()
+	// tracing, when set, traces the run: the store, the saga, its
+	// publisher and the services' router get the telemetry decorators.
+	tracing trace.TracerProvider
 }
 
 func open(ctx context.Context, dsn, schema, busURL string) (*env, error) {
@@ -187,6 +215,21 @@ var orders = []struct {
 
 func run(ctx context.Context, w io.Writer, e *env) error {
 	quiet := slog.New(slog.DiscardHandler)
+	// Without tracing, the decorators are left out and the command spans
+	// go nowhere.
+	store, def, sagaPub := e.store, Definition(e.store, e.prefix), e.bus.Publisher()
+	var tracer trace.Tracer = noop.NewTracerProvider().Tracer("")
+	var tel *telemetry.Telemetry
+	if e.tracing != nil {
+		var err error
+		if tel, err = telemetry.New(telemetry.Config{TracerProvider: e.tracing, MeterProvider: metricnoop.NewMeterProvider()}); err != nil {
+			return err
+		}
+		tracer = e.tracing.Tracer("examples/orders")
+		store = tel.Store(e.store)
+		def = tel.Saga(Definition(store, e.prefix))
+		sagaPub = tel.Publisher(sagaPub, "saga.order_fulfilment")
+	}
 	// The services listen first, so nothing sent to them is missed.
 	inventory := &Inventory{stock: map[string]int{"book": 10, "lamp": 3, "chair": 4}}
 	payments := &Payments{timedOut: map[string]bool{}, charged: map[string]int{}}
@@ -194,6 +237,9 @@ func run(ctx context.Context, w io.Writer, e *env) error {
 	router, _, err := bus.NewRouter(bus.RouterConfig{Logger: quiet})
 	if err != nil {
 		return err
+	}
+	if tel != nil {
+		router.AddMiddleware(tel.Middleware)
 	}
 	for _, s := range []struct {
 		topic string
@@ -217,8 +263,11 @@ func run(ctx context.Context, w io.Writer, e *env) error {
 	if err != nil {
 		return err
 	}
-	runner, err := saga.NewRunner(e.store, Definition(e.store, e.prefix), saga.Config{
-		Publisher: e.bus.Publisher(), Subscriber: replies, DB: e.db, Schema: e.schema,
+	// The runner keeps its own appends untraced: the services' replies
+	// carry no trace context, so the outcomes it records would each start
+	// a trace of their own.
+	runner, err := saga.NewRunner(e.store, def, saga.Config{
+		Publisher: sagaPub, Subscriber: replies, DB: e.db, Schema: e.schema,
 		ReplyTopic:     e.prefix + "saga.order_fulfilment.replies",
 		RescanInterval: 100 * time.Millisecond, Logger: quiet})
 	if err != nil {
@@ -231,7 +280,10 @@ func run(ctx context.Context, w io.Writer, e *env) error {
 
 	for _, o := range orders {
 		data, _ := json.Marshal(o.OrderPlaced)
-		if _, err := e.store.Append(ctx, o.id, eventstore.NoStream, []eventstore.EventData{{Type: "order.placed", Data: data}}); err != nil {
+		cctx, span := tracer.Start(ctx, "place order "+o.id)
+		_, err := store.Append(cctx, o.id, eventstore.NoStream, []eventstore.EventData{{Type: "order.placed", Data: data}})
+		span.End()
+		if err != nil {
 			return fmt.Errorf("placing %s: %w", o.id, err)
 		}
 		fmt.Fprintf(w, "placed %s: %s orders %d %s for %d, card %s\n", o.id, o.Customer, o.Qty, o.Item, o.Amount, o.Card)

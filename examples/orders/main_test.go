@@ -2,11 +2,15 @@ package main
 
 import (
 	"context"
+	"regexp"
 	"strings"
 	"testing"
 
+	sdktrace "go.opentelemetry.io/otel/sdk/trace"
+
 	"github.com/stele-dev/stele/internal/testdb"
 	"github.com/stele-dev/stele/internal/testsvc"
+	"github.com/stele-dev/stele/telemetry"
 )
 
 func TestMain(m *testing.M) { testdb.VerifyMain(m) }
@@ -99,5 +103,75 @@ func TestStoryOverPostgresAndBrokers(t *testing.T) {
 				t.Fatalf("story:\n%s\nwant:\n%s", got, wantStory)
 			}
 		})
+	}
+}
+
+// TestStoryTraced: with --trace the story is the same, and then each order's
+// trace is printed as a tree: the order's append, under it the saga's steps,
+// under a command step the publish of its command, and under that the
+// service's handling of it on the other side of the bus.
+func TestStoryTraced(t *testing.T) {
+	e, err := open(context.Background(), "", "", "gochannel")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out strings.Builder
+	tp := sdktrace.NewTracerProvider(sdktrace.WithSyncer(telemetry.NewTreeExporter(&out)))
+	e.tracing = tp
+	got := story(t, e)
+	if got != wantStory {
+		t.Fatalf("story:\n%s\nwant:\n%s", got, wantStory)
+	}
+	if err := tp.Shutdown(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	trees := strings.Split(strings.TrimSpace(out.String()), "\n\n")
+	if len(trees) != len(orders) {
+		t.Fatalf("%d traces, want one per order (%d):\n%s", len(trees), len(orders), out.String())
+	}
+	var tree string
+	for _, tr := range trees {
+		if strings.Contains(tr, "place order order-1001\x20") {
+			tree = tr
+		}
+	}
+	// The lines of order-1001's tree that tell the story, each with its
+	// depth; each must come after the one before it, at the depth given.
+	want := []struct {
+		depth int
+		line  string
+	}{
+		{0, "place order order-1001 "},
+		{1, "stele.append "},
+		{2, "stele.saga.step accept_order "},
+		{2, "stele.saga.step reserve_inventory "},
+		{3, "stele.publish inventory.commands "},
+		{4, "stele.handle inventory "},
+		{2, "stele.saga.step charge_payment "},
+		{3, "stele.publish payments.commands "},
+		{4, "stele.handle payments "},
+		{2, "stele.saga.step schedule_shipment "},
+		{3, "stele.publish shipping.commands "},
+		{4, "stele.handle shipping "},
+		{2, "stele.saga.step confirm_order "},
+		{3, "stele.append "},
+	}
+	lines := strings.Split(tree, "\n")
+	if !regexp.MustCompile(`^trace [0-9a-f]{32} \(14 spans\)$`).MatchString(lines[0]) {
+		t.Errorf("header %q, want the trace id and 14 spans", lines[0])
+	}
+	prefix := regexp.MustCompile(`^[│├└─ ]*`)
+	i := 0
+	for _, l := range lines[1:] {
+		p := prefix.FindString(l)
+		if i < len(want) && strings.HasPrefix(l[len(p):], want[i].line) && len([]rune(p))/3 == want[i].depth {
+			i++
+		}
+	}
+	if i < len(want) {
+		t.Errorf("order-1001's trace lacks %q at depth %d (after the lines before it):\n%s", want[i].line, want[i].depth, tree)
+	}
+	if !strings.Contains(tree, "stream=order-1001 v=1") || !strings.Contains(tree, "saga=order-1001") {
+		t.Errorf("order-1001's trace lacks its stream and saga ids:\n%s", tree)
 	}
 }
