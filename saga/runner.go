@@ -316,7 +316,7 @@ func (r *Runner) schedule(ctx context.Context) {
 				defer func() { <-sem }()
 				at, open, err := r.drive(ctx, id)
 				if err != nil && ctx.Err() == nil {
-					r.cfg.Logger.Warn("saga: driving failed; retrying", "saga", r.def.Name, "id", id, "err", err)
+					r.cfg.Logger.WarnContext(ctx, "saga: driving failed; retrying", "saga", r.def.Name, "id", id, "err", err)
 					at, open = r.cfg.Clock().Add(r.def.Retry.Initial), true
 				}
 				r.release(id, at, open)
@@ -716,7 +716,7 @@ func cutLast(s, sep string) (string, string, bool) {
 func (r *Runner) consumeReplies(ctx context.Context, replies <-chan *message.Message) {
 	for msg := range replies {
 		if err := r.onReply(ctx, msg); err != nil && ctx.Err() == nil {
-			r.cfg.Logger.Warn("saga: recording a reply failed; it will come again", "saga", r.def.Name, "err", err)
+			r.cfg.Logger.WarnContext(msg.Context(), "saga: recording a reply failed; it will come again", "saga", r.def.Name, "err", err)
 			msg.Nack()
 			continue
 		}
@@ -737,7 +737,7 @@ func (r *Runner) HandleReply(ctx context.Context, reply *message.Message) error 
 func (r *Runner) onReply(ctx context.Context, msg *message.Message) error {
 	id, step, compensating, ok := parseReplyID(msg.Metadata.Get(bus.KeyCorrelationID))
 	if !ok || step < 0 || step >= len(r.def.Steps) {
-		r.cfg.Logger.Warn("saga: dropping a reply that names no step", "saga", r.def.Name, "correlation_id", msg.Metadata.Get(bus.KeyCorrelationID))
+		r.cfg.Logger.WarnContext(msg.Context(), "saga: dropping a reply that names no step", "saga", r.def.Name, "correlation_id", msg.Metadata.Get(bus.KeyCorrelationID))
 		return nil
 	}
 	stream := StreamID(r.def.Name, id)
