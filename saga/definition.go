@@ -55,8 +55,33 @@ type Step struct {
 // Action is what a step or compensation does: a local function (Do) or a
 // command sent over the bus whose reply completes it (Send).
 type Action struct {
-	do   func(context.Context, StepContext) ([]byte, error)
-	send func(StepContext) (topic string, msg *message.Message, err error)
+	do    func(context.Context, StepContext) ([]byte, error)
+	send  func(StepContext) (topic string, msg *message.Message, err error)
+	await *awaited
+}
+
+// awaited is the event that completes a step.
+type awaited struct {
+	eventType string
+	sagaID    func(eventstore.Event) string
+}
+
+// Await makes an action that waits for an event: the step completes when
+// an event of eventType is appended (by any service sharing the store) and
+// sagaID, given that event, names this saga. The event's data becomes the
+// step's output. An event that comes before the saga reaches the step is
+// kept and completes the step when it starts. The step's deadline and
+// retries apply to the wait.
+func Await(eventType string, sagaID func(eventstore.Event) string) Action {
+	return Action{await: &awaited{eventType: eventType, sagaID: sagaID}}
+}
+
+// Until makes a Send action complete when an event of eventType for this
+// saga is appended, as well as on a reply: for services that answer a
+// command with an event in the shared store rather than a message.
+func (a Action) Until(eventType string, sagaID func(eventstore.Event) string) Action {
+	a.await = &awaited{eventType: eventType, sagaID: sagaID}
+	return a
 }
 
 // Do makes an action of a function run by the saga runner. Its output is
@@ -75,7 +100,7 @@ func Send(fn func(sc StepContext) (topic string, msg *message.Message, err error
 	return Action{send: fn}
 }
 
-func (a Action) defined() bool { return a.do != nil || a.send != nil }
+func (a Action) defined() bool { return a.do != nil || a.send != nil || a.await != nil }
 
 // DoFunc is the function of an action made with Do (nil for others), and
 // SendFunc the command builder of one made with Send. Decorators (package
@@ -171,7 +196,13 @@ func (d Definition) validate() (Definition, error) {
 		}
 		seen[s.Name] = true
 		if !s.Action.defined() {
-			return d, &DefinitionError{fmt.Sprintf("Steps[%d].Action", i), "required (saga.Do or saga.Send)"}
+			return d, &DefinitionError{fmt.Sprintf("Steps[%d].Action", i), "required (saga.Do, saga.Send or saga.Await)"}
+		}
+		if a := s.Action.await; a != nil && (a.eventType == "" || a.sagaID == nil || s.Action.do != nil) {
+			return d, &DefinitionError{fmt.Sprintf("Steps[%d].Action", i), "an awaited event needs a type and a saga id function, and cannot complete a Do action"}
+		}
+		if s.Compensation.await != nil {
+			return d, &DefinitionError{fmt.Sprintf("Steps[%d].Compensation", i), "a compensation cannot await an event"}
 		}
 	}
 	if d.StepTimeout <= 0 {

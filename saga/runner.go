@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -232,7 +233,46 @@ func (r *Runner) onEvent(ctx context.Context, e eventstore.Event) error {
 		// have started the saga after loadOpen looked, and not driven it.
 		r.due(strings.TrimPrefix(e.StreamID, Category(r.def.Name)+"-"), time.Time{})
 	}
+	for i, st := range r.def.Steps {
+		if a := st.Action.await; a != nil && a.eventType == e.Type {
+			if err := r.receive(ctx, i, a.sagaID(e), e); err != nil {
+				return err
+			}
+		}
+	}
 	return nil
+}
+
+// receive records that the event step i awaits has arrived for saga id.
+func (r *Runner) receive(ctx context.Context, step int, id string, e eventstore.Event) error {
+	if id == "" {
+		return nil
+	}
+	data, _ := json.Marshal(record{Step: step, StepName: r.def.Steps[step].Name, Output: e.Data,
+		Reason: fmt.Sprintf("%s from %s v%d", e.Type, e.StreamID, e.Version)})
+	for attempt := 0; ; attempt++ {
+		in, err := Load(ctx, r.store, r.def.Name, id)
+		if errors.Is(err, ErrNoSaga) {
+			return nil // not one of ours
+		}
+		if err != nil {
+			return err
+		}
+		if _, seen := in.Received[step]; seen || slices.Contains(in.Completed, step) || in.Status.Done() {
+			return nil // a repeat, or too late to matter
+		}
+		_, err = r.store.Append(ctx, StreamID(r.def.Name, id), eventstore.Exact(in.Version), []eventstore.EventData{{
+			Type: TypeEventReceived, Data: data,
+			Metadata: eventstore.Metadata{CorrelationID: e.Metadata.CorrelationID, CausationID: e.ID.String(),
+				TraceParent: e.Metadata.TraceParent, TraceState: e.Metadata.TraceState}}})
+		if errors.Is(err, eventstore.ErrConcurrencyConflict) && attempt < 50 {
+			continue
+		}
+		if err == nil {
+			r.due(id, time.Time{})
+		}
+		return err
+	}
 }
 
 func (r *Runner) startSaga(ctx context.Context, e eventstore.Event) error {
@@ -565,6 +605,10 @@ func (r *Runner) decide(ctx context.Context, in *Instance, md eventstore.Metadat
 			if next == len(r.def.Steps) {
 				return one(emit(TypeCompleted, record{}))
 			}
+			if out, ok := in.Received[next]; ok && r.def.Steps[next].Action.await != nil {
+				// The awaited event came before the step: nothing to wait for.
+				return one(emit(TypeStepSucceeded, record{Step: next, StepName: r.def.Steps[next].Name, Attempt: 1, Output: out}))
+			}
 			return r.startAttempt(ctx, in, next, false, 1, emit)
 		}
 		next := in.nextCompensation()
@@ -580,6 +624,9 @@ func (r *Runner) decide(ctx context.Context, in *Instance, md eventstore.Metadat
 	action := r.def.Steps[step].Action
 	if compensating {
 		action = r.def.Steps[step].Compensation
+	}
+	if out, ok := in.Received[step]; ok && !compensating && action.await != nil {
+		return one(emit(TypeStepSucceeded, record{Step: step, StepName: r.def.Steps[step].Name, Attempt: in.Attempt, Output: out}))
 	}
 	switch {
 	case in.InFlight && !now.Before(in.Deadline):
@@ -630,6 +677,9 @@ func (r *Runner) startAttempt(ctx context.Context, in *Instance, step int, compe
 		rec.Metadata[bus.KeyIdempotency] = sc.Key
 		rec.Metadata[bus.KeyReplyTo] = r.cfg.ReplyTopic
 		rec.Metadata[bus.KeyCorrelationID] = replyID(in.ID, step, compensating)
+		return []eventstore.EventData{emit(TypeStepStarted, rec)}, time.Time{}, nil, nil
+	}
+	if action.do == nil { // an awaited event: start waiting
 		return []eventstore.EventData{emit(TypeStepStarted, rec)}, time.Time{}, nil, nil
 	}
 	// Record the start first, so a crash during the action is seen as an

@@ -35,6 +35,7 @@ const (
 	TypeCompensated    = "saga.compensated"
 	TypeNeedsAttention = "saga.needs_attention"
 	TypeRetryRequested = "saga.retry_requested"
+	TypeEventReceived  = "saga.event_received"
 	TypeAbortRequested = "saga.abort_requested"
 )
 
@@ -83,6 +84,8 @@ type Instance struct {
 	Completed   []int
 	Compensated map[int]bool
 	Outputs     map[int][]byte
+	// Received holds the data of awaited events that arrived, by step.
+	Received map[int][]byte
 	// The step (or compensation) under way.
 	Current      int
 	Attempt      int
@@ -102,7 +105,7 @@ type Instance struct {
 
 // fold builds an Instance from a saga's events.
 func fold(definition, id string, events []eventstore.Event) (*Instance, error) {
-	in := &Instance{Definition: definition, ID: id, Compensated: map[int]bool{}, Outputs: map[int][]byte{}, Current: -1}
+	in := &Instance{Definition: definition, ID: id, Compensated: map[int]bool{}, Outputs: map[int][]byte{}, Received: map[int][]byte{}, Current: -1}
 	for _, e := range events {
 		if err := in.apply(e); err != nil {
 			return nil, err
@@ -164,6 +167,11 @@ func (in *Instance) apply(e eventstore.Event) error {
 		if in.Status == NeedsAttention {
 			in.Status, in.AttentionReason, in.LastError = Compensating, "", ""
 			in.Current, in.Attempt, in.RetryAt = -1, 0, time.Time{}
+		}
+		h.Detail = r.Reason
+	case TypeEventReceived:
+		if _, ok := in.Received[r.Step]; !ok {
+			in.Received[r.Step] = r.Output
 		}
 		h.Detail = r.Reason
 	case TypeAbortRequested:
