@@ -143,6 +143,7 @@ func AppRoleGrants(schema, role string) ([]string, error) {
 		`GRANT SELECT, INSERT, UPDATE, DELETE ON ` + s + `.snapshots TO ` + r, // a cache, not history
 		`GRANT SELECT, INSERT, UPDATE, DELETE ON ` + s + `.projection_checkpoints, ` + s + `.projection_dead_letters, ` + s + `.projection_slots, ` + s + `.projection_rebuilds TO ` + r,
 		`GRANT SELECT, INSERT, UPDATE, DELETE ON ` + s + `.outbox_relays, ` + s + `.inbox, ` + s + `.bus_poison TO ` + r,
+		`GRANT SELECT, INSERT ON ` + s + `.admin_audit TO ` + r, // the trail of what operators did; its trigger refuses changes
 		`GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA ` + s + ` TO ` + r,
 	}, nil
 }
