@@ -1,6 +1,7 @@
 package saga
 
 import (
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -116,7 +117,13 @@ func (r *Runner) Start(ctx context.Context) error {
 	if err := r.loadOpen(ctx); err != nil {
 		return err
 	}
-	starts, err := projection.NewRunner(r.store, projection.HandlerFunc(r.onEvent), projection.Config{
+	// With a DB the feed is handled a page at a time, starting the page's
+	// sagas in parallel (the checkpoint moves only once all are started).
+	var feed any = projection.HandlerFunc(r.onEvent)
+	if r.cfg.DB != nil {
+		feed = pageHandler{r}
+	}
+	starts, err := projection.NewRunner(r.store, feed, projection.Config{
 		Name: "saga." + r.def.Name, DB: r.cfg.DB, Schema: r.cfg.Schema, BatchSize: 256, Logger: r.cfg.Logger})
 	if err != nil {
 		return err
@@ -225,7 +232,7 @@ func (r *Runner) loadOpen(ctx context.Context) error {
 // onEvent starts sagas and notices operators' requests.
 func (r *Runner) onEvent(ctx context.Context, e eventstore.Event) error {
 	switch {
-	case e.Type == r.def.StartedBy && (r.def.Category == "" || eventstore.Category(e.StreamID) == r.def.Category):
+	case r.startsSaga(e):
 		return r.startSaga(ctx, e)
 	case (e.Type == TypeStarted || e.Type == TypeRetryRequested || e.Type == TypeAbortRequested) &&
 		eventstore.Category(e.StreamID) == Category(r.def.Name):
@@ -273,6 +280,51 @@ func (r *Runner) receive(ctx context.Context, step int, id string, e eventstore.
 		}
 		return err
 	}
+}
+
+// pageHandler hands the runner a page of the feed: it starts the page's
+// sagas in parallel, Workers at a time, then handles the other events in
+// feed order. Starting is idempotent, so a page handled again after a crash
+// starts nothing twice.
+type pageHandler struct{ r *Runner }
+
+func (p pageHandler) HandleBatchTx(ctx context.Context, _ *sqlx.Tx, events []eventstore.Event) error {
+	r := p.r
+	var rest []eventstore.Event
+	sem := make(chan struct{}, r.cfg.Workers)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var firstErr error
+	for _, e := range events {
+		if !r.startsSaga(e) {
+			rest = append(rest, e)
+			continue
+		}
+		sem <- struct{}{}
+		wg.Go(func() {
+			defer func() { <-sem }()
+			if err := r.startSaga(ctx, e); err != nil {
+				mu.Lock()
+				firstErr = cmp.Or(firstErr, err)
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	for _, e := range rest {
+		if err := r.onEvent(ctx, e); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// startsSaga reports whether e starts one of this definition's sagas.
+func (r *Runner) startsSaga(e eventstore.Event) bool {
+	return e.Type == r.def.StartedBy && (r.def.Category == "" || eventstore.Category(e.StreamID) == r.def.Category)
 }
 
 func (r *Runner) startSaga(ctx context.Context, e eventstore.Event) error {
