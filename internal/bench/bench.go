@@ -1,4 +1,4 @@
-// Package bench runs the standard workloads W1–W4 of ../shared/BENCHMARK.md
+// Package bench runs the standard workloads W1–W8 of ../shared/BENCHMARK.md
 // against any eventstore.Store. `stele bench` is its command line.
 package bench
 
@@ -36,15 +36,65 @@ type Result struct {
 	P50ms        float64 `json:"p50_ms"`
 	P99ms        float64 `json:"p99_ms"`
 	PeakRSSMB    float64 `json:"peak_rss_mb"`
+
+	// W7's and W8's own figures, flattened into the JSON line; nil (and
+	// absent) for the other workloads.
+	*W7Result
+	*W8Result
+}
+
+// W7Result is what W7 reports beside Result's figures, where Events is the
+// messages delivered, EventsPerSec the delivered msgs/s (from the first
+// append to the last message consumed) and P50ms/P99ms the append-to-
+// consume latency (consume time minus the message's recorded_at).
+type W7Result struct {
+	Bus        string  `json:"bus"`
+	MsgsPerSec float64 `json:"msgs_per_sec"`
+	Delivered  int     `json:"delivered"`  // distinct event ids consumed: always Events
+	Duplicates int     `json:"duplicates"` // messages consumed again (at-least-once); over runs, the most
+	// PollIntervalMs is the PostgreSQL bus subscriber's poll interval.
+	PollIntervalMs float64 `json:"poll_interval_ms,omitempty"`
+	// AppendSeconds is how long the writers took to append everything.
+	AppendSeconds float64 `json:"append_seconds"`
+	// AppendRate is the writers' pace in events/s in all; 0: unpaced (the
+	// standard W7).
+	AppendRate  float64 `json:"append_rate,omitempty"`
+	Writers     int     `json:"writers"`
+	AppendBatch int     `json:"append_batch"` // events per append
+	RelayBatch  int     `json:"relay_batch"`  // outbox.Config.BatchSize
+	RelayLanes  int     `json:"relay_lanes"`  // outbox.Config.Lanes
+}
+
+// W8Result is what W8 reports beside Result's figures, where Events is every
+// event appended (starting events and the sagas' own), Seconds runs from the
+// first starting append to the last saga's end, and P50ms/P99ms are saga
+// durations (saga.started to completed or compensated).
+type W8Result struct {
+	Sagas        int     `json:"sagas"`
+	SagasPerSec  float64 `json:"sagas_per_sec"`
+	Completed    int     `json:"completed"`
+	Compensated  int     `json:"compensated"`
+	SagaWorkers  int     `json:"saga_workers"`  // saga.Config.Workers
+	StartWriters int     `json:"start_writers"` // writers appending the starting events
+	// StartSpanSeconds runs from the first saga.started to the last (the
+	// runner appends them as its projection reads the starting events).
+	StartSpanSeconds float64 `json:"start_span_seconds"`
 }
 
 // Workloads lists the workloads in the order `--workload all` runs them.
-var Workloads = []string{"W1", "W2", "W3", "W4", "W5", "W6"}
+var Workloads = []string{"W1", "W2", "W3", "W4", "W5", "W6", "W7", "W8"}
 
-// Run runs one workload on store, which must be empty. scale shrinks or
-// grows the event counts (0.1 for a smoke run). db holds W5's and W6's read
-// model (the store's schema); zero for the in-memory store.
+// Run runs one workload on store, which must be empty, with the default
+// Options. scale shrinks or grows the event counts (0.1 for a smoke run).
+// db holds W5's and W6's read model, W7's relay checkpoint and PostgreSQL bus
+// tables, W8's runner checkpoint (the store's schema); zero for the
+// in-memory store.
 func Run(ctx context.Context, store eventstore.Store, db DB, workload string, scale float64) (Result, error) {
+	return RunWith(ctx, store, db, workload, scale, Options{})
+}
+
+// RunWith is Run with W7's and W8's Options (W7 runs over one bus, opts.Bus).
+func RunWith(ctx context.Context, store eventstore.Store, db DB, workload string, scale float64, opts Options) (Result, error) {
 	n := func(x int) int { return max(1, int(float64(x)*scale)) }
 	switch strings.ToUpper(workload) {
 	case "W1":
@@ -59,8 +109,12 @@ func Run(ctx context.Context, store eventstore.Store, db DB, workload string, sc
 		return rebuild(ctx, store, db, n(1_000_000))
 	case "W6":
 		return liveLatency(ctx, store, db, n(80_000))
+	case "W7":
+		return outboxRelay(ctx, store, db, n(DefaultW7Events), opts)
+	case "W8":
+		return sagas(ctx, store, db, n(DefaultW8Sagas), opts)
 	}
-	return Result{}, fmt.Errorf("bench: unknown workload %q (want W1 to W6)", workload)
+	return Result{}, fmt.Errorf("bench: unknown workload %q (want W1 to W8)", workload)
 }
 
 func events(k int) []eventstore.EventData {
@@ -252,6 +306,11 @@ type Summary struct {
 	Runs          int      `json:"runs"`
 	RatioToRaw    *float64 `json:"ratio_to_raw,omitempty"`     // events/s over raw events/s
 	P99RatioToRaw *float64 `json:"p99_ratio_to_raw,omitempty"` // W1 only: p99 over raw p99
+	// RawW1EventsPerSec is given with W7 and W8, which have no raw limit of
+	// their own: the raw W1 events/s measured in the same invocation, as
+	// context only. No ratio is taken: a relayed message or a saga is not
+	// a single-row INSERT, so a quotient of the two would mean nothing.
+	RawW1EventsPerSec *float64 `json:"raw_w1_events_per_sec,omitempty"`
 }
 
 // Summarize takes the median of each figure over runs and, given a raw
@@ -274,6 +333,21 @@ func Summarize(runs []Result, raw *RawLimit) Summary {
 	s.P50ms = med(func(r Result) float64 { return r.P50ms })
 	s.P99ms = med(func(r Result) float64 { return r.P99ms })
 	s.PeakRSSMB = slices.MaxFunc(runs, func(a, b Result) int { return cmpFloat(a.PeakRSSMB, b.PeakRSSMB) }).PeakRSSMB
+	if s.W7Result != nil {
+		w := *s.W7Result
+		w.MsgsPerSec = med(func(r Result) float64 { return r.W7Result.MsgsPerSec })
+		w.AppendSeconds = med(func(r Result) float64 { return r.W7Result.AppendSeconds })
+		for _, r := range runs {
+			w.Duplicates = max(w.Duplicates, r.W7Result.Duplicates)
+		}
+		s.W7Result = &w
+	}
+	if s.W8Result != nil {
+		w := *s.W8Result
+		w.SagasPerSec = med(func(r Result) float64 { return r.W8Result.SagasPerSec })
+		w.StartSpanSeconds = med(func(r Result) float64 { return r.W8Result.StartSpanSeconds })
+		s.W8Result = &w
+	}
 	if raw == nil {
 		return s
 	}
@@ -292,6 +366,11 @@ func Summarize(runs []Result, raw *RawLimit) Summary {
 		s.RatioToRaw = ratio(s.EventsPerSec, raw.W2EventsPerSec)
 	case "W3":
 		s.RatioToRaw = ratio(s.EventsPerSec, raw.ReadEventsPerSec)
+	case "W7", "W8":
+		if raw.W1EventsPerSec > 0 {
+			w1 := raw.W1EventsPerSec
+			s.RawW1EventsPerSec = &w1
+		}
 	}
 	return s
 }
