@@ -71,7 +71,8 @@ func brokerCases() []brokerCase {
 			if err != nil {
 				return
 			}
-			_, _ = ch.QueueDelete(topic+"_consumer", false, false, false)
+			_, _ = ch.QueueDelete(broker.AMQPQueueName(topic, "consumer"), false, false, false)
+			_, _ = ch.QueueDelete(broker.AMQPQueueName(topic, "raw"), false, false, false)
 			_ = ch.ExchangeDelete(topic, false, false)
 		}},
 		{name: "nats", open: func(t *testing.T, _ string) *broker.Broker {
@@ -84,7 +85,7 @@ func brokerCases() []brokerCase {
 			}
 			defer nc.Close()
 			if js, err := nc.JetStream(); err == nil {
-				_ = js.DeleteStream(strings.ReplaceAll(topic, ".", "_"))
+				_ = js.DeleteStream(broker.NATSStreamName(topic))
 			}
 		}},
 		{name: "redis", open: func(t *testing.T, _ string) *broker.Broker {

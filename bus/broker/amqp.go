@@ -47,6 +47,10 @@ func amqpConfig(cfg Config, timeout time.Duration, queueName wamqp.QueueNameGene
 	return c
 }
 
+// AMQPQueueName is the RabbitMQ queue of consumer group for topic; the
+// exchange is named after the topic.
+func AMQPQueueName(topic, group string) string { return amqpQueue(topic, group) }
+
 // amqpQueue is the queue of a consumer group for a topic.
 func amqpQueue(topic, group string) string { return topic + "_" + group }
 

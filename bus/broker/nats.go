@@ -33,6 +33,11 @@ const (
 	natsCloseWait = 30 * time.Second
 )
 
+// NATSStreamName is the JetStream stream the NATS bus makes for topic (when
+// no existing stream captures its subject): what an operator looks for with
+// `nats stream ls`, and what to delete to drop the topic.
+func NATSStreamName(topic string) string { return natsName(topic) }
+
 // natsName maps a topic or group name to a JetStream stream or consumer
 // name, which cannot contain dots: dots become "_" and a hash of the name is
 // appended so that "a.b" and "a_b" stay apart. Names without dots are kept.

@@ -8,6 +8,10 @@ import (
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
+	"github.com/nats-io/nats.go"
+	amqp091 "github.com/rabbitmq/amqp091-go"
+
+	"github.com/stele-dev/stele/bus/broker"
 	"github.com/stele-dev/stele/internal/testdb"
 	"github.com/stele-dev/stele/internal/testsvc"
 	"github.com/stele-dev/stele/telemetry"
@@ -99,6 +103,7 @@ func TestStoryOverPostgresAndBrokers(t *testing.T) {
 				t.Fatal(err)
 			}
 			e.prefix = testsvc.Name("orders") + "."
+			t.Cleanup(func() { dropTopics(c.name, e.prefix) })
 			if got := story(t, e); got != wantStory {
 				t.Fatalf("story:\n%s\nwant:\n%s", got, wantStory)
 			}
@@ -173,5 +178,41 @@ func TestStoryTraced(t *testing.T) {
 	}
 	if !strings.Contains(tree, "stream=order-1001 v=1") || !strings.Contains(tree, "saga=order-1001") {
 		t.Errorf("order-1001's trace lacks its stream and saga ids:\n%s", tree)
+	}
+}
+
+// dropTopics removes what a run made on a shared broker: each topic's
+// stream (NATS) or exchange and group queue (RabbitMQ).
+func dropTopics(kind, prefix string) {
+	groups := map[string]string{InventoryTopic: "inventory", PaymentsTopic: "payments", ShippingTopic: "shipping",
+		"saga.order_fulfilment.replies": "order_fulfilment"}
+	switch kind {
+	case "nats":
+		nc, err := nats.Connect(testsvc.NATSURL)
+		if err != nil {
+			return
+		}
+		defer nc.Close()
+		js, err := nc.JetStream()
+		if err != nil {
+			return
+		}
+		for topic := range groups {
+			_ = js.DeleteStream(broker.NATSStreamName(prefix + topic))
+		}
+	case "amqp":
+		conn, err := amqp091.Dial(testsvc.AMQPURL)
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		ch, err := conn.Channel()
+		if err != nil {
+			return
+		}
+		for topic, group := range groups {
+			_, _ = ch.QueueDelete(broker.AMQPQueueName(prefix+topic, group), false, false, false)
+			_ = ch.ExchangeDelete(prefix+topic, false, false)
+		}
 	}
 }
