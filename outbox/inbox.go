@@ -125,6 +125,9 @@ func (in *MemoryInbox) Middleware(h message.HandlerFunc) message.HandlerFunc {
 			return nil, nil
 		}
 		out, err := h(msg)
+		if err == nil && len(out) > 0 {
+			return nil, bus.Permanent(ErrReturnedMessages)
+		}
 		if err == nil {
 			in.mu.Lock()
 			in.done[msg.UUID] = true

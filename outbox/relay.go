@@ -235,7 +235,14 @@ func (r *Relay) releaseLease(l *heldLease) {
 // nothing until it has renewed (which fails if another relay took over).
 type heldLease struct {
 	lease
+	mu       sync.Mutex // guards deadline: lanes renew while they publish
 	deadline time.Time
+}
+
+func (l *heldLease) until() time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return time.Until(l.deadline)
 }
 
 func (r *Relay) acquire(ctx context.Context) (*heldLease, error) {
@@ -246,8 +253,13 @@ func (r *Relay) acquire(ctx context.Context) (*heldLease, error) {
 			r.cfg.Logger.WarnContext(ctx, "outbox: taking the lease", "relay", r.cfg.Name, "err", err)
 		}
 		if ok {
-			if l.checkpoint == eventstore.Start {
+			if l.checkpoint == eventstore.Start && r.cfg.From != eventstore.Start {
+				// Record From as the checkpoint, so that status readers
+				// that do not know it (ReadStatus) measure the right backlog.
 				l.checkpoint = r.cfg.From
+				if _, err := r.state.commit(ctx, r.cfg.Name, l.epoch, r.cfg.LeaseTTL, progress{pos: r.cfg.From}); err != nil {
+					r.cfg.Logger.WarnContext(ctx, "outbox: recording the start position", "relay", r.cfg.Name, "err", err)
+				}
 			}
 			r.cfg.Logger.InfoContext(ctx, "outbox: relay holds the lease", "relay", r.cfg.Name, "epoch", l.epoch, "after", l.checkpoint)
 			return &heldLease{lease: l, deadline: start.Add(r.cfg.LeaseTTL)}, nil
@@ -261,6 +273,8 @@ func (r *Relay) acquire(ctx context.Context) (*heldLease, error) {
 // ensure renews the lease when half of it is gone (or always, with force),
 // and reports errLeaseLost when it cannot be held.
 func (r *Relay) ensure(ctx context.Context, l *heldLease, force bool) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
 	if !force && time.Until(l.deadline) > r.cfg.LeaseTTL/2 {
 		return nil
 	}
@@ -289,20 +303,44 @@ func (r *Relay) session(ctx context.Context, l *heldLease) error {
 		read.Category = r.cfg.Categories[0]
 	}
 	failures := 0
+	sent := &sentSet{ids: map[uuid.UUID]bool{}}
 	for {
 		if err := r.ensure(ctx, l, false); err != nil {
 			return err
 		}
 		wake := r.store.WaitForAppend()
-		page, err := r.store.ReadAll(ctx, read)
+		var head eventstore.Position
+		var err error
+		if read.Category != "" {
+			head, err = r.store.Head(ctx)
+		}
+		var page []eventstore.Event
+		if err == nil {
+			page, err = r.store.ReadAll(ctx, read)
+		}
+		skipTo := read.After
 		if err == nil && len(page) > 0 {
-			err = r.publishAndCommit(ctx, l, page)
+			skipTo = page[len(page)-1].Position
+			err = r.publishAndCommit(ctx, l, page, sent)
+		}
+		if err == nil && read.Category != "" && len(page) < read.Limit && skipTo.Less(head) {
+			// The category feed had nothing more up to head: move the
+			// checkpoint past the other categories' events too.
+			var ok bool
+			ok, err = r.state.commit(ctx, r.cfg.Name, l.epoch, r.cfg.LeaseTTL, progress{pos: head})
+			if err == nil && !ok {
+				err = errLeaseLost
+			}
+			if err == nil {
+				skipTo = head
+			}
 		}
 		switch {
 		case err == nil:
 			failures = 0
-			if len(page) > 0 {
-				read.After = page[len(page)-1].Position
+			if skipTo != read.After {
+				read.After = skipTo
+				sent.reset()
 			}
 		case ctx.Err() != nil:
 			return ctx.Err()
@@ -329,7 +367,7 @@ func (r *Relay) session(ctx context.Context, l *heldLease) error {
 			continue
 		}
 		// Idle: wait for an append, and wake in time to renew the lease.
-		t := time.NewTimer(max(time.Until(l.deadline)-r.cfg.LeaseTTL/2, time.Millisecond))
+		t := time.NewTimer(max(l.until()-r.cfg.LeaseTTL/2, r.cfg.LeaseTTL/20))
 		select {
 		case <-ctx.Done():
 			t.Stop()
@@ -355,10 +393,29 @@ func isFatal(err error) bool {
 type outgoing struct {
 	topic string
 	msg   *message.Message
+	id    uuid.UUID
 }
 
-// publishAndCommit publishes a page and then moves the checkpoint past it.
-func (r *Relay) publishAndCommit(ctx context.Context, l *heldLease, page []eventstore.Event) error {
+// sentSet holds the events of the current page a broker confirmed, so a
+// retry of the page publishes only the rest.
+type sentSet struct {
+	mu  sync.Mutex
+	ids map[uuid.UUID]bool
+}
+
+func (s *sentSet) has(id uuid.UUID) bool { s.mu.Lock(); defer s.mu.Unlock(); return s.ids[id] }
+func (s *sentSet) add(ids []uuid.UUID) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, id := range ids {
+		s.ids[id] = true
+	}
+}
+func (s *sentSet) reset() { s.mu.Lock(); defer s.mu.Unlock(); clear(s.ids) }
+
+// publishAndCommit publishes a page (what sent does not hold yet) and then
+// moves the checkpoint past it.
+func (r *Relay) publishAndCommit(ctx context.Context, l *heldLease, page []eventstore.Event, sent *sentSet) error {
 	lanes := make([][]outgoing, r.cfg.Lanes)
 	n := 0
 	for _, e := range page {
@@ -382,11 +439,14 @@ func (r *Relay) publishAndCommit(ctx context.Context, l *heldLease, page []event
 		if r.cfg.Lanes > 1 {
 			lane = int(maphash.String(r.seed, e.StreamID) % uint64(r.cfg.Lanes))
 		}
-		lanes[lane] = append(lanes[lane], outgoing{topic: topic, msg: msg})
 		n++
+		if sent.has(e.ID) {
+			continue // confirmed by an earlier try of this page
+		}
+		lanes[lane] = append(lanes[lane], outgoing{topic: topic, msg: msg, id: e.ID})
 	}
 	if n > 0 {
-		if err := r.publish(ctx, l, lanes); err != nil {
+		if err := r.publish(ctx, l, lanes, sent); err != nil {
 			return err
 		}
 	}
@@ -396,6 +456,7 @@ func (r *Relay) publishAndCommit(ctx context.Context, l *heldLease, page []event
 		}
 	}
 	last := page[len(page)-1]
+	start := time.Now()
 	ok, err := r.state.commit(ctx, r.cfg.Name, l.epoch, r.cfg.LeaseTTL,
 		progress{pos: last.Position, published: n, latency: time.Since(last.RecordedAt)})
 	if err != nil {
@@ -404,6 +465,9 @@ func (r *Relay) publishAndCommit(ctx context.Context, l *heldLease, page []event
 	if !ok {
 		return errLeaseLost
 	}
+	l.mu.Lock()
+	l.deadline = start.Add(r.cfg.LeaseTTL) // the commit renewed the lease
+	l.mu.Unlock()
 	return nil
 }
 
@@ -438,7 +502,7 @@ func (r *Relay) message(ctx context.Context, e eventstore.Event) (*message.Messa
 
 // publish sends each lane's messages in order, the lanes in parallel, and
 // returns once all are confirmed or one failed.
-func (r *Relay) publish(ctx context.Context, l *heldLease, lanes [][]outgoing) error {
+func (r *Relay) publish(ctx context.Context, l *heldLease, lanes [][]outgoing, sent *sentSet) error {
 	busy := 0
 	for _, lane := range lanes {
 		if len(lane) > 0 {
@@ -448,7 +512,7 @@ func (r *Relay) publish(ctx context.Context, l *heldLease, lanes [][]outgoing) e
 	if busy == 1 {
 		for _, lane := range lanes {
 			if len(lane) > 0 {
-				return r.publishLane(ctx, l, lane)
+				return r.publishLane(ctx, l, lane, sent)
 			}
 		}
 	}
@@ -458,7 +522,7 @@ func (r *Relay) publish(ctx context.Context, l *heldLease, lanes [][]outgoing) e
 		if len(lane) == 0 {
 			continue
 		}
-		wg.Go(func() { errs[i] = r.publishLane(ctx, l, lane) })
+		wg.Go(func() { errs[i] = r.publishLane(ctx, l, lane, sent) })
 	}
 	wg.Wait()
 	return errors.Join(errs...)
@@ -466,7 +530,7 @@ func (r *Relay) publish(ctx context.Context, l *heldLease, lanes [][]outgoing) e
 
 // publishLane publishes runs of messages with the same topic in one call
 // each, checking before every call that the lease is still ours.
-func (r *Relay) publishLane(ctx context.Context, l *heldLease, lane []outgoing) error {
+func (r *Relay) publishLane(ctx context.Context, l *heldLease, lane []outgoing, sent *sentSet) error {
 	for len(lane) > 0 {
 		end := 1
 		for end < len(lane) && lane[end].topic == lane[0].topic {
@@ -485,12 +549,22 @@ func (r *Relay) publishLane(ctx context.Context, l *heldLease, lane []outgoing) 
 		// The fencing check: past the local deadline another relay may hold
 		// the name, so nothing more is published until a renewal proves
 		// otherwise (the caller's next ensure does that).
-		if !time.Now().Before(l.deadline) {
+		// Renew first when half of the lease is gone, so a long page
+		// does not run into the deadline.
+		if err := r.ensure(ctx, l, false); err != nil {
+			return err
+		}
+		if l.until() <= 0 {
 			return errLeaseExpired
 		}
 		if err := r.cfg.Publisher.Publish(lane[0].topic, msgs...); err != nil {
 			return fmt.Errorf("outbox: relay %s: publishing to %s: %w", r.cfg.Name, lane[0].topic, err)
 		}
+		ids := make([]uuid.UUID, end)
+		for i := range ids {
+			ids[i] = lane[i].id
+		}
+		sent.add(ids)
 		lane = lane[end:]
 	}
 	return nil
