@@ -58,10 +58,12 @@ func newRootCmd() *cobra.Command {
 	f.StringVar(&g.driver, "driver", "postgres", "database/sql driver: postgres (lib/pq) or pgx")
 
 	root.AddCommand(
-		newMigrateCmd(g),
+		withMigrateAudit(g, newMigrateCmd(g)),
 		newStreamsCmd(g),
 		newBenchCmd(g),
-		newProjectionsCmd(g), newDLQCmd(g), newOutboxCmd(g), newBusCmd(g), newSagasCmd(g),
+		newProjectionsCmd(g), newDLQCmd(g), newOutboxCmd(g), newBusCmd(g), newSagasCmd(g), newGdprCmd(g),
+		newArchiveCmd(g), newTombstoneCmd(g), newRetentionCmd(g), newSealCmd(g), newVerifyCmd(g), newAuditCmd(g),
+		newRestoreCheckCmd(g), newRestoreRepairCmd(g), newRestoreMapCmd(g),
 	)
 	return root
 }
