@@ -168,13 +168,14 @@ func TestRelayOverEveryBroker(t *testing.T) {
 // natsServer runs a NATS server with JetStream of the test's own, so the test
 // can kill and restart it.
 type natsServer struct {
+	bin       string
 	port, dir string
 	cmd       *exec.Cmd
 }
 
 func (s *natsServer) start(t *testing.T) {
 	t.Helper()
-	s.cmd = exec.Command("nats-server", "-a", "127.0.0.1", "-p", s.port, "-js", "-sd", s.dir)
+	s.cmd = exec.Command(s.bin, "-a", "127.0.0.1", "-p", s.port, "-js", "-sd", s.dir)
 	if err := s.cmd.Start(); err != nil {
 		t.Fatalf("starting nats-server (Debian: apt-get install nats-server): %v", err)
 	}
@@ -205,14 +206,18 @@ func freePort(t *testing.T) string {
 // stream of appends and started again on its data: the relay retries from its
 // checkpoint, and nothing is lost.
 func TestRelaySurvivesBrokerRestart(t *testing.T) {
-	if _, err := exec.LookPath("nats-server"); err != nil {
+	bin, err := exec.LookPath("nats-server")
+	if err != nil {
+		bin, err = exec.LookPath("/usr/sbin/nats-server") // not always on a user's PATH
+	}
+	if err != nil {
 		msg := "nats-server is not installed (Debian: apt-get install nats-server)"
 		if testsvc.Required() {
 			t.Fatal(msg)
 		}
 		t.Skip(msg)
 	}
-	srv := &natsServer{port: freePort(t), dir: t.TempDir()}
+	srv := &natsServer{bin: bin, port: freePort(t), dir: t.TempDir()}
 	srv.start(t)
 	t.Cleanup(srv.kill)
 
