@@ -759,7 +759,20 @@ func (r *Runner) runLocal(ctx context.Context, in *Instance, step int, compensat
 		next = []eventstore.EventData{emit(TypeStepSucceeded, record{Step: step, StepName: r.def.Steps[step].Name,
 			Compensating: compensating, Attempt: attempt, Output: out})}
 	}
-	return next, time.Time{}, &outcome{step: step, attempt: attempt, compensating: compensating, events: next}, nil
+	ran := &outcome{step: step, attempt: attempt, compensating: compensating, events: next}
+	if err == nil && !compensating && in.AbortReason == "" {
+		// Record what comes next in the same append: the end, or the start
+		// of the next local step (which the next pass then runs, as it
+		// would after a crash). One commit saved per step.
+		switch k := step + 1; {
+		case k == len(r.def.Steps):
+			next = append(next, emit(TypeCompleted, record{}))
+		case r.def.Steps[k].Action.do != nil:
+			next = append(next, emit(TypeStepStarted, record{Step: k, StepName: r.def.Steps[k].Name, Attempt: 1,
+				Deadline: r.cfg.Clock().Add(r.def.timeout(k))}))
+		}
+	}
+	return next, time.Time{}, ran, nil
 }
 
 // failure records a failed attempt, and what follows: a retry later, or
