@@ -20,9 +20,9 @@ const (
 	// requeued one, and a subscriber holds up to this many messages that
 	// the other subscribers of its group cannot get meanwhile.
 	amqpPrefetch = 128
-	// amqpChannels is how many confirm-mode channels the publisher keeps
-	// open (concurrent Publish calls beyond it wait), instead of opening and
-	// closing a channel per Publish.
+	// amqpChannels is how many idle confirm-mode channels the publisher
+	// keeps open for the next Publish calls, instead of opening and closing
+	// a channel per Publish.
 	amqpChannels = 16
 )
 
@@ -57,7 +57,7 @@ func amqpQueue(topic, group string) string { return topic + "_" + group }
 func openAMQP(ctx context.Context, cfg Config, logger watermill.LoggerAdapter) (adapter, error) {
 	addr := redact(cfg.URL)
 	timeout := dialTimeout(ctx, cfg)
-	pub, err := wamqp.NewPublisher(amqpConfig(cfg, timeout, nil), logger)
+	pub, err := newAMQPPublisher(cfg.URL, *amqpConfig(cfg, timeout, nil).Connection.AmqpConfig)
 	if err != nil {
 		return adapter{}, &ConnectError{Kind: RabbitMQ, Addr: addr, Err: err}
 	}
