@@ -245,7 +245,15 @@ func (b *PostgresPoisonBox) List(ctx context.Context, pending bool, limit int) (
 // confirmed; if marking fails the message may be re-published twice, which
 // the consumer's inbox absorbs.
 func (b *PostgresPoisonBox) Republish(ctx context.Context, id int64, pub message.Publisher) error {
-	p, err := scanPoisoned(b.db.QueryRowContext(ctx, `SELECT `+poisonCols+` FROM `+b.schema+`.bus_poison WHERE id = $1`, id))
+	// The row stays locked while the message is published, so two operators
+	// re-publishing the same message at once publish it once after another,
+	// not at the same moment from the same read.
+	tx, err := b.db.BeginTxx(ctx, nil)
+	if err != nil {
+		return fmt.Errorf("bus: reading poisoned message %d: %w", id, err)
+	}
+	defer func() { _ = tx.Rollback() }()
+	p, err := scanPoisoned(tx.QueryRowContext(ctx, `SELECT `+poisonCols+` FROM `+b.schema+`.bus_poison WHERE id = $1 FOR UPDATE`, id))
 	if errors.Is(err, sql.ErrNoRows) {
 		return ErrNoPoisoned
 	}
@@ -255,7 +263,10 @@ func (b *PostgresPoisonBox) Republish(ctx context.Context, id int64, pub message
 	if err := republish(p, pub); err != nil {
 		return err
 	}
-	if _, err := b.db.ExecContext(ctx, `UPDATE `+b.schema+`.bus_poison SET republished_at = now() WHERE id = $1`, id); err != nil {
+	if _, err := tx.ExecContext(ctx, `UPDATE `+b.schema+`.bus_poison SET republished_at = now() WHERE id = $1`, id); err != nil {
+		return fmt.Errorf("bus: marking poisoned message %d re-published: %w", id, err)
+	}
+	if err := tx.Commit(); err != nil {
 		return fmt.Errorf("bus: marking poisoned message %d re-published: %w", id, err)
 	}
 	return nil

@@ -2,9 +2,11 @@ package projection
 
 import (
 	"context"
+	"database/sql"
 	"database/sql/driver"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"sync"
 	"time"
@@ -292,7 +294,13 @@ func (r *Runner) releaseLease(ctx context.Context, conn *sqlx.Conn) {
 	if err != nil || !unlocked {
 		// Do not hand a session that may still hold the lock back to the
 		// pool: make database/sql throw the connection away.
-		r.cfg.Logger.WarnContext(ctx, "projection: releasing the lease failed; dropping the connection", "projection", r.cfg.Name, "err", err)
+		level := slog.LevelWarn
+		if errors.Is(err, sql.ErrConnDone) || errors.Is(err, driver.ErrBadConn) {
+			// The connection died with the runner's context (pgx closes it
+			// on cancel); its session, and the lock with it, is gone.
+			level = slog.LevelDebug
+		}
+		r.cfg.Logger.Log(ctx, level, "projection: releasing the lease failed; dropping the connection", "projection", r.cfg.Name, "err", err)
 		conn.Raw(func(any) error { return driver.ErrBadConn })
 	}
 	conn.Close()
