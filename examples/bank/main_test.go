@@ -14,6 +14,9 @@ import (
 
 	sdktrace "go.opentelemetry.io/otel/sdk/trace"
 
+	"github.com/nats-io/nats.go"
+	amqp091 "github.com/rabbitmq/amqp091-go"
+
 	"github.com/stele-dev/stele/aggregate"
 	"github.com/stele-dev/stele/aggregate/aggregatetest"
 	"github.com/stele-dev/stele/aggregate/pgsnapshot"
@@ -89,6 +92,9 @@ func TestDemoOverBrokers(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			testsvc.Require(t, c.name, c.addr)
+			// The topic's name is fixed: start from nothing, leave nothing.
+			dropPublicTopic(c.name)
+			t.Cleanup(func() { dropPublicTopic(c.name) })
 			store, snaps := pgBackend(t, "postgres")
 			want := strings.Replace(wantDemo, "over the gochannel bus", "over the "+c.name+" bus", 1)
 			checkDemoOver(t, store, snaps, c.cfg, want)
@@ -575,4 +581,30 @@ func dump(nodes []node) string {
 		fmt.Fprintf(&b, "%d (parent %d) %s\n", i, n.parent, n.text)
 	}
 	return b.String()
+}
+
+// dropPublicTopic removes the bank's topic from a shared broker: its NATS
+// stream, or its RabbitMQ exchange and the statements queue.
+func dropPublicTopic(kind string) {
+	switch kind {
+	case "nats":
+		nc, err := nats.Connect(testsvc.NATSURL)
+		if err != nil {
+			return
+		}
+		defer nc.Close()
+		if js, err := nc.JetStream(); err == nil {
+			_ = js.DeleteStream(broker.NATSStreamName(PublicTopic))
+		}
+	case "amqp":
+		conn, err := amqp091.Dial(testsvc.AMQPURL)
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		if ch, err := conn.Channel(); err == nil {
+			_, _ = ch.QueueDelete(broker.AMQPQueueName(PublicTopic, "statements"), false, false, false)
+			_ = ch.ExchangeDelete(PublicTopic, false, false)
+		}
+	}
 }
