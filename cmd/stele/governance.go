@@ -119,6 +119,22 @@ func requireGovernance(ctx context.Context, db *sqlx.DB, schema string) error {
 }
 
 // openGov opens the database and checks the governance tables are there.
+// audited runs an audited admin command: it requires --actor, opens the
+// database, and hands both to fn.
+func (g *globalOpts) audited(cmd *cobra.Command, actor string, fn func(ctx context.Context, db *sqlx.DB, who string) error) error {
+	ctx := cmd.Context()
+	who, err := actorOf(actor)
+	if err != nil {
+		return err
+	}
+	db, err := g.openGov(ctx)
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	return fn(ctx, db, who)
+}
+
 func (g *globalOpts) openGov(ctx context.Context) (*sqlx.DB, error) {
 	db, err := g.openDB(ctx)
 	if err != nil {
@@ -152,23 +168,15 @@ func newArchiveStreamCmd(g *globalOpts) *cobra.Command {
 		Short: "Move a stream's events to the archive (audited)",
 		Args:  cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			who, err := actorOf(actor)
-			if err != nil {
+			return g.audited(cmd, actor, func(ctx context.Context, db *sqlx.DB, who string) error {
+				res, err := pgstore.ArchiveStream(ctx, db, g.schema, who, args[0])
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintf(cmd.OutOrStdout(), "archived %s: %d events moved to the archive, version %d kept (audit %d); restore with stele archive restore %s\n",
+					res.StreamID, res.Events, res.Version, res.AuditID, res.StreamID)
 				return err
-			}
-			db, err := g.openGov(ctx)
-			if err != nil {
-				return err
-			}
-			defer db.Close()
-			res, err := pgstore.ArchiveStream(ctx, db, g.schema, who, args[0])
-			if err != nil {
-				return err
-			}
-			_, err = fmt.Fprintf(cmd.OutOrStdout(), "archived %s: %d events moved to the archive, version %d kept (audit %d); restore with stele archive restore %s\n",
-				res.StreamID, res.Events, res.Version, res.AuditID, res.StreamID)
-			return err
+			})
 		},
 	}
 	cmd.Flags().StringVar(&actor, "actor", "", actorUsage)
@@ -186,23 +194,15 @@ projection rebuilds see them again; subscribers already past those positions
 do not, so nothing is delivered or published twice.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			who, err := actorOf(actor)
-			if err != nil {
+			return g.audited(cmd, actor, func(ctx context.Context, db *sqlx.DB, who string) error {
+				res, err := pgstore.RestoreArchivedStream(ctx, db, g.schema, who, args[0])
+				if err != nil {
+					return err
+				}
+				_, err = fmt.Fprintf(cmd.OutOrStdout(), "restored %s: %d events back in the log at their original positions, version %d (audit %d)\n",
+					res.StreamID, res.Events, res.Version, res.AuditID)
 				return err
-			}
-			db, err := g.openGov(ctx)
-			if err != nil {
-				return err
-			}
-			defer db.Close()
-			res, err := pgstore.RestoreArchivedStream(ctx, db, g.schema, who, args[0])
-			if err != nil {
-				return err
-			}
-			_, err = fmt.Fprintf(cmd.OutOrStdout(), "restored %s: %d events back in the log at their original positions, version %d (audit %d)\n",
-				res.StreamID, res.Events, res.Version, res.AuditID)
-			return err
+			})
 		},
 	}
 	cmd.Flags().StringVar(&actor, "actor", "", actorUsage)
@@ -288,31 +288,23 @@ stream's hashes stay so that stele verify still holds.
 Without --yes, only says what would be deleted.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			ctx := cmd.Context()
-			who, err := actorOf(actor)
-			if err != nil {
-				return err
-			}
-			db, err := g.openGov(ctx)
-			if err != nil {
-				return err
-			}
-			defer db.Close()
-			if !yes {
-				st, err := pgstore.LookupStream(ctx, db, g.schema, args[0])
+			return g.audited(cmd, actor, func(ctx context.Context, db *sqlx.DB, who string) error {
+				if !yes {
+					st, err := pgstore.LookupStream(ctx, db, g.schema, args[0])
+					if err != nil {
+						return err
+					}
+					return fmt.Errorf("stream %s is %s with %d events in the log and %d in the archive; tombstoning deletes them for good: run again with --yes",
+						st.StreamID, st.State, st.Events, st.ArchivedEvents)
+				}
+				res, err := pgstore.TombstoneStream(ctx, db, g.schema, who, args[0])
 				if err != nil {
 					return err
 				}
-				return fmt.Errorf("stream %s is %s with %d events in the log and %d in the archive; tombstoning deletes them for good: run again with --yes",
-					st.StreamID, st.State, st.Events, st.ArchivedEvents)
-			}
-			res, err := pgstore.TombstoneStream(ctx, db, g.schema, who, args[0])
-			if err != nil {
+				_, err = fmt.Fprintf(cmd.OutOrStdout(), "tombstoned %s: %d events deleted from the log and %d from the archive; its id stays taken (audit %d)\n",
+					res.StreamID, res.Events, res.ArchivedEvents, res.AuditID)
 				return err
-			}
-			_, err = fmt.Fprintf(cmd.OutOrStdout(), "tombstoned %s: %d events deleted from the log and %d from the archive; its id stays taken (audit %d)\n",
-				res.StreamID, res.Events, res.ArchivedEvents, res.AuditID)
-			return err
+			})
 		},
 	}
 	cmd.Flags().StringVar(&actor, "actor", "", actorUsage)
