@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"strconv"
@@ -124,7 +125,8 @@ func (r *Runner) Start(ctx context.Context) error {
 		feed = pageHandler{r}
 	}
 	starts, err := projection.NewRunner(r.store, feed, projection.Config{
-		Name: "saga." + r.def.Name, DB: r.cfg.DB, Schema: r.cfg.Schema, BatchSize: 256, Logger: r.cfg.Logger})
+		Name: "saga." + r.def.Name, DB: r.cfg.DB, Schema: r.cfg.Schema, BatchSize: 256, Logger: r.cfg.Logger,
+		Retries: math.MaxInt32, MaxBackoff: time.Second}) // a store outage must not end the runner
 	if err != nil {
 		return err
 	}
@@ -163,6 +165,19 @@ func (r *Runner) Start(ctx context.Context) error {
 		wg.Go(func() { r.consumeReplies(ctx, replies) })
 	}
 	wg.Go(func() { r.schedule(ctx) })
+	// The feed of starts, operator requests and awaited events retries for
+	// as long as it takes; if it stops anyway, the runner fails visibly
+	// rather than going on without it.
+	wg.Go(func() {
+		select {
+		case <-starts.Done():
+			if ctx.Err() == nil {
+				r.fail(fmt.Errorf("saga %s: the feed of starting events stopped: %w", r.def.Name,
+					cmp.Or(starts.Err(), errors.New("no reason given"))))
+			}
+		case <-ctx.Done():
+		}
+	})
 	go func() {
 		wg.Wait()
 		_ = starts.Stop(context.Background())
@@ -233,13 +248,20 @@ func (r *Runner) loadOpen(ctx context.Context) error {
 func (r *Runner) onEvent(ctx context.Context, e eventstore.Event) error {
 	switch {
 	case r.startsSaga(e):
-		return r.startSaga(ctx, e)
+		if err := r.startSaga(ctx, e); err != nil {
+			return err
+		}
 	case (e.Type == TypeStarted || e.Type == TypeRetryRequested || e.Type == TypeAbortRequested) &&
 		eventstore.Category(e.StreamID) == Category(r.def.Name):
 		// A start too: another runner (or this one, before a restart) may
 		// have started the saga after loadOpen looked, and not driven it.
 		r.due(strings.TrimPrefix(e.StreamID, Category(r.def.Name)+"-"), time.Time{})
 	}
+	return r.awaited(ctx, e)
+}
+
+// awaited records e for the sagas whose step awaits it.
+func (r *Runner) awaited(ctx context.Context, e eventstore.Event) error {
 	for i, st := range r.def.Steps {
 		if a := st.Action.await; a != nil && a.eventType == e.Type {
 			if err := r.receive(ctx, i, a.sagaID(e), e); err != nil {
@@ -290,14 +312,12 @@ type pageHandler struct{ r *Runner }
 
 func (p pageHandler) HandleBatchTx(ctx context.Context, _ *sqlx.Tx, events []eventstore.Event) error {
 	r := p.r
-	var rest []eventstore.Event
 	sem := make(chan struct{}, r.cfg.Workers)
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var firstErr error
 	for _, e := range events {
 		if !r.startsSaga(e) {
-			rest = append(rest, e)
 			continue
 		}
 		sem <- struct{}{}
@@ -314,8 +334,12 @@ func (p pageHandler) HandleBatchTx(ctx context.Context, _ *sqlx.Tx, events []eve
 	if firstErr != nil {
 		return firstErr
 	}
-	for _, e := range rest {
-		if err := r.onEvent(ctx, e); err != nil {
+	for _, e := range events {
+		handle := r.onEvent
+		if r.startsSaga(e) {
+			handle = r.awaited // started above; a step may still await it
+		}
+		if err := handle(ctx, e); err != nil {
 			return err
 		}
 	}
@@ -585,7 +609,7 @@ func (r *Runner) drive(ctx context.Context, id string) (at time.Time, open bool,
 		}
 		in, err := fold(r.def.Name, id, events)
 		if err != nil {
-			return time.Time{}, false, err
+			return time.Time{}, true, err // kept: an operator can look at it
 		}
 		var next []eventstore.EventData
 		var wait time.Time
@@ -830,8 +854,12 @@ func cutLast(s, sep string) (string, string, bool) {
 // consumeReplies records the replies to commands as step outcomes.
 func (r *Runner) consumeReplies(ctx context.Context, replies <-chan *message.Message) {
 	for msg := range replies {
-		if err := r.onReply(ctx, msg); err != nil && ctx.Err() == nil {
-			r.cfg.Logger.WarnContext(msg.Context(), "saga: recording a reply failed; it will come again", "saga", r.def.Name, "err", err)
+		if err := r.onReply(ctx, msg); err != nil {
+			// Never acknowledge a reply that is not recorded, stopping or
+			// not: the broker delivers it again.
+			if ctx.Err() == nil {
+				r.cfg.Logger.WarnContext(msg.Context(), "saga: recording a reply failed; it will come again", "saga", r.def.Name, "err", err)
+			}
 			msg.Nack()
 			continue
 		}
