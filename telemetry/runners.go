@@ -6,6 +6,7 @@ import (
 
 	"github.com/ThreeDotsLabs/watermill/message"
 	"github.com/jmoiron/sqlx"
+	"go.opentelemetry.io/otel/attribute"
 	"go.opentelemetry.io/otel/metric"
 	"go.opentelemetry.io/otel/trace"
 
@@ -207,4 +208,41 @@ func firstErr(errs ...error) error {
 		}
 	}
 	return nil
+}
+
+// maxBatchLinks caps the links of a batch span.
+const maxBatchLinks = 128
+
+// ProjectionBatchTxHandler wraps a projection.BatchTxHandler: one
+// "stele.project.batch <name>" span per batch. A batch serves many business
+// actions, so its span is linked to the trace of each event in it (up to 128)
+// instead of being the child of one. stele.projection.handled counts its
+// events; the per-event duration histogram is left to per-event handlers.
+func (t *Telemetry) ProjectionBatchTxHandler(name string, h projection.BatchTxHandler) projection.BatchTxHandler {
+	return batchTx{t: t, name: name, h: h}
+}
+
+type batchTx struct {
+	t    *Telemetry
+	name string
+	h    projection.BatchTxHandler
+}
+
+func (b batchTx) HandleBatchTx(ctx context.Context, tx *sqlx.Tx, events []eventstore.Event) error {
+	links := make([]trace.Link, 0, min(len(events), maxBatchLinks))
+	for _, e := range events[:min(len(events), maxBatchLinks)] {
+		if sc := trace.SpanContextFromContext(b.t.EventContext(context.Background(), e.Metadata)); sc.IsValid() {
+			links = append(links, trace.Link{SpanContext: sc})
+		}
+	}
+	attrs := []attribute.KeyValue{attrProjection.String(b.name), attrEvents.Int(len(events))}
+	if len(events) > 0 {
+		attrs = append(attrs, attrPositionTx.String(events[len(events)-1].Position.String()))
+	}
+	ctx, span := b.t.tracer.Start(trace.ContextWithSpanContext(ctx, trace.SpanContext{}), "stele.project.batch "+b.name,
+		trace.WithSpanKind(trace.SpanKindConsumer), trace.WithLinks(links...), trace.WithAttributes(attrs...))
+	err := b.h.HandleBatchTx(ctx, tx, events)
+	b.t.m.projHandled.Add(ctx, int64(len(events)), metric.WithAttributes(attrProjection.String(b.name), outcome(err)))
+	endSpan(span, err)
+	return err
 }
