@@ -206,17 +206,7 @@ func freePort(t *testing.T) string {
 // stream of appends and started again on its data: the relay retries from its
 // checkpoint, and nothing is lost.
 func TestRelaySurvivesBrokerRestart(t *testing.T) {
-	bin, err := exec.LookPath("nats-server")
-	if err != nil {
-		bin, err = exec.LookPath("/usr/sbin/nats-server") // not always on a user's PATH
-	}
-	if err != nil {
-		msg := "nats-server is not installed (Debian: apt-get install nats-server)"
-		if testsvc.Required() {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
-	}
+	bin := testsvc.Binary(t, "nats-server", "Debian: apt-get install nats-server", "/usr/sbin")
 	srv := &natsServer{bin: bin, port: freePort(t), dir: t.TempDir()}
 	srv.start(t)
 	t.Cleanup(srv.kill)

@@ -23,6 +23,8 @@ import (
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/internal/testdb"
+	"github.com/stele-dev/stele/internal/testsvc"
+	"github.com/stele-dev/stele/internal/wait"
 	"github.com/stele-dev/stele/outbox"
 	"github.com/stele-dev/stele/projection"
 )
@@ -91,7 +93,7 @@ func TestRestoreRepairSimulated(t *testing.T) {
 	// running transaction; other sessions on the shared server may hold an
 	// older one for a while.
 	var st pgstore.RestoreStatus
-	restoreWaitFor(t, "the stored ids to fall below every running transaction", func() bool {
+	wait.Until(t, "the stored ids to fall below every running transaction", func() bool {
 		if st, err = pgstore.RestoreCheck(ctx, db, schema); err != nil {
 			t.Fatal(err)
 		}
@@ -248,9 +250,6 @@ func restoreFakeIdentity(t *testing.T, db *sqlx.DB, schema string, shift uint64)
 // creates, checked and repaired; then a subscriber, the projection and the
 // relay continue there with nothing lost and nothing repeated.
 func TestRestoreIntoNewCluster(t *testing.T) {
-	if testing.Short() {
-		t.Skip("creates a PostgreSQL cluster")
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
 	tools := restoreTools(t)
@@ -538,7 +537,7 @@ func restoreStraddle(t *testing.T, db *sqlx.DB, s *pgstore.Store, tag string) fu
 	}
 	// Another session's older transaction on the shared server may hold
 	// the feed back for a while; the consumer must stop exactly at B.
-	restoreWaitFor(t, "the feed's head to reach B", func() bool {
+	wait.Until(t, "the feed's head to reach B", func() bool {
 		head, err := s.Head(ctx)
 		return err == nil && head == rb.LastPosition
 	})
@@ -625,24 +624,17 @@ func restoreRunRelay(ctx context.Context, t *testing.T, s *pgstore.Store, db *sq
 
 func restoreWaitCaughtUp(ctx context.Context, t *testing.T, s *pgstore.Store, db *sqlx.DB, schema, table, name string, failed func() error) {
 	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for {
+	wait.Until(t, table+" "+name+" caught up with the head", func() bool {
 		head, err := s.Head(ctx)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if cp, ok := restoreCheckpointOK(t, db, schema, table, name); ok && cp == head {
-			return
-		}
 		if err := failed(); err != nil {
 			t.Fatalf("%s %s failed: %v", table, name, err)
 		}
-		if time.Now().After(deadline) {
-			cp, _ := restoreCheckpointOK(t, db, schema, table, name)
-			t.Fatalf("%s %s stuck at %s, head %s", table, name, cp, head)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
+		cp, ok := restoreCheckpointOK(t, db, schema, table, name)
+		return ok && cp == head
+	})
 }
 
 func restoreCheckpointOK(t *testing.T, db *sqlx.DB, schema, table, name string) (eventstore.Position, bool) {
@@ -725,22 +717,11 @@ func restoreReadAllOf(t *testing.T, db *sqlx.DB, s *pgstore.Store, schema string
 		t.Fatal(err)
 	}
 	var feed []eventstore.Event
-	restoreWaitFor(t, "the feed to show every stored event", func() bool {
+	wait.Until(t, "the feed to show every stored event", func() bool {
 		feed = restoreReadAll(t, s)
 		return len(feed) == stored
 	})
 	return feed
-}
-
-func restoreWaitFor(t *testing.T, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(30 * time.Second)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out waiting for %s", what)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
 }
 
 func restoreXmin(t *testing.T, db *sqlx.DB) uint64 {
@@ -827,11 +808,7 @@ type pgTools struct {
 func restoreTools(t *testing.T) pgTools {
 	t.Helper()
 	missing := func(what string) {
-		msg := "cannot create a second PostgreSQL cluster: " + what + " (install postgresql-15)"
-		if testdb.Required() {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
+		testsvc.Missing(t, "cannot create a second PostgreSQL cluster: "+what+" (install postgresql-15)")
 	}
 	bin := "/usr/lib/postgresql/15/bin/"
 	tools := pgTools{initdb: bin + "initdb", pgCtl: bin + "pg_ctl", pgDump: bin + "pg_dump", pgRestore: bin + "pg_restore", psql: bin + "psql"}

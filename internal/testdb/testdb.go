@@ -23,6 +23,8 @@ import (
 	"github.com/jmoiron/sqlx"
 	_ "github.com/lib/pq" // driver "postgres"
 	"go.uber.org/goleak"
+
+	"github.com/stele-dev/stele/internal/testsvc"
 )
 
 // Drivers are the database/sql driver names every PostgreSQL test runs with.
@@ -37,8 +39,8 @@ func DSN() string {
 }
 
 // Required reports whether a missing PostgreSQL fails tests instead of
-// skipping them.
-func Required() bool { return os.Getenv("STELE_REQUIRE_SERVICES") != "" }
+// skipping them (testsvc.Required).
+func Required() bool { return testsvc.Required() }
 
 var (
 	pools   = map[string]*sqlx.DB{}
@@ -61,11 +63,7 @@ func Open(t testing.TB, driver string) *sqlx.DB {
 		cancel()
 	}
 	if err != nil {
-		msg := "PostgreSQL is not reachable at " + DSN() + " (" + err.Error() + "); start it with `make services`"
-		if Required() {
-			t.Fatal(msg)
-		}
-		t.Skip(msg)
+		testsvc.Missing(t, "PostgreSQL is not reachable at "+DSN()+" ("+err.Error()+"); start it with `make services`")
 	}
 	db.SetMaxOpenConns(20) // two packages at once, two drivers each, stay under max_connections (100)
 	db.SetMaxIdleConns(20)

@@ -11,6 +11,8 @@ import (
 	"encoding/hex"
 	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -33,11 +35,35 @@ func Require(t testing.TB, name, addr string) {
 		_ = conn.Close()
 		return
 	}
-	msg := name + " is not listening on " + addr + " (" + err.Error() + "); start it with `make services`"
+	Missing(t, name+" is not listening on "+addr+" ("+err.Error()+"); start it with `make services`")
+}
+
+// Missing reports that something the test needs is not there: the test
+// fails when STELE_REQUIRE_SERVICES is set (CI), and is skipped otherwise.
+// Every test that needs a service or a program goes through here.
+func Missing(t testing.TB, msg string) {
+	t.Helper()
 	if Required() {
 		t.Fatal(msg)
 	}
 	t.Skip(msg)
+}
+
+// Binary returns the path of program, looked up on PATH and then in dirs
+// (system directories such as /usr/sbin are not always on a user's PATH),
+// or reports it Missing with hint.
+func Binary(t testing.TB, program, hint string, dirs ...string) string {
+	t.Helper()
+	if p, err := exec.LookPath(program); err == nil {
+		return p
+	}
+	for _, d := range dirs {
+		if p, err := exec.LookPath(filepath.Join(d, program)); err == nil {
+			return p
+		}
+	}
+	Missing(t, program+" is not installed ("+hint+")")
+	return ""
 }
 
 // Name returns prefix followed by 12 random lowercase hex digits, a name no

@@ -5,7 +5,7 @@ import (
 	"regexp"
 	"testing"
 
-	"github.com/stele-dev/stele/internal/testdb"
+	"go.uber.org/goleak"
 )
 
 func TestName(t *testing.T) {
@@ -82,4 +82,4 @@ func (r *recorder) Fatal(args ...any) {
 	panic("fatal")
 }
 
-func TestMain(m *testing.M) { testdb.VerifyMain(m) }
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
