@@ -14,7 +14,6 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/saga"
 )
@@ -89,6 +88,15 @@ func (g *globalOpts) openSagaStore(ctx context.Context) (*pgstore.Store, func(),
 		return nil, nil, err
 	}
 	return store, closeStore, nil
+}
+
+// openSaga checks a definition name given on the command line and opens the
+// store its sagas live in: what show, retry and abort start with.
+func (g *globalOpts) openSaga(ctx context.Context, definition string) (*pgstore.Store, func(), error) {
+	if err := checkDefinition(definition); err != nil {
+		return nil, nil, err
+	}
+	return g.openSagaStore(ctx)
 }
 
 // noSaga explains ErrNoSaga; other errors pass through.
@@ -407,11 +415,8 @@ runner is driving the saga. --json prints it all as one object.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			definition, id := args[0], args[1]
-			if err := checkDefinition(definition); err != nil {
-				return err
-			}
 			ctx := cmd.Context()
-			store, closeStore, err := g.openSagaStore(ctx)
+			store, closeStore, err := g.openSaga(ctx, definition)
 			if err != nil {
 				return err
 			}
@@ -539,23 +544,6 @@ func underWayText(s sagaJSON) string {
 	return step + ": failed"
 }
 
-// sagaRequest makes an operator's request, trying again when the runner
-// moved the saga between the request's read and its append: the request
-// then checks the saga's status afresh.
-func sagaRequest(ctx context.Context, request func() error) error {
-	for i := 1; ; i++ {
-		err := request()
-		if !errors.Is(err, eventstore.ErrConcurrencyConflict) || i == 10 {
-			return err
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(time.Duration(i) * 20 * time.Millisecond):
-		}
-	}
-}
-
 func newSagasRetryCmd(g *globalOpts) *cobra.Command {
 	var reason string
 	cmd := &cobra.Command{
@@ -576,11 +564,8 @@ one starts. Follow it with stele sagas show DEFINITION ID.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			definition, id := args[0], args[1]
-			if err := checkDefinition(definition); err != nil {
-				return err
-			}
 			ctx := cmd.Context()
-			store, closeStore, err := g.openSagaStore(ctx)
+			store, closeStore, err := g.openSaga(ctx, definition)
 			if err != nil {
 				return err
 			}
@@ -590,7 +575,7 @@ one starts. Follow it with stele sagas show DEFINITION ID.`,
 			if err != nil {
 				return noSaga(err, definition, id, g.schema)
 			}
-			err = sagaRequest(ctx, func() error { return saga.RequestRetry(ctx, store, definition, id, reason) })
+			err = saga.RequestRetry(ctx, store, definition, id, reason) // retried on a conflict with the runner
 			if err != nil {
 				return noSaga(err, definition, id, g.schema)
 			}
@@ -627,16 +612,13 @@ starts. Follow it with stele sagas show DEFINITION ID.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			definition, id := args[0], args[1]
-			if err := checkDefinition(definition); err != nil {
-				return err
-			}
 			ctx := cmd.Context()
-			store, closeStore, err := g.openSagaStore(ctx)
+			store, closeStore, err := g.openSaga(ctx, definition)
 			if err != nil {
 				return err
 			}
 			defer closeStore()
-			err = sagaRequest(ctx, func() error { return saga.Abort(ctx, store, definition, id, reason) })
+			err = saga.Abort(ctx, store, definition, id, reason) // retried on a conflict with the runner
 			if err != nil {
 				return noSaga(err, definition, id, g.schema)
 			}
