@@ -416,6 +416,11 @@ type groupSub struct {
 	initialize func(topic string) error
 	// close closes inner; nil means inner.Close.
 	close func() error
+	// ended, when set, runs once a subscription to topic has ended and
+	// inner closed its channel. Setting it promises that inner closes a
+	// subscription's channel when its context is cancelled, so Close waits
+	// for every ended before it closes inner.
+	ended func(topic string)
 }
 
 // Broker is an open message broker: one shared publisher and the
@@ -645,6 +650,9 @@ func (s *subscriber) Subscribe(ctx context.Context, topic string) (<-chan *messa
 		defer stop()
 		defer cancel()
 		forward(subCtx, in, out)
+		if s.gs.ended != nil {
+			s.gs.ended(topic)
+		}
 	}()
 	return out, nil
 }
@@ -711,6 +719,9 @@ func (s *subscriber) Close() error {
 		s.closed = true
 		s.mu.Unlock()
 		s.cancel()
+		if s.gs.ended != nil {
+			s.wg.Wait() // the subscriptions end on the cancel alone
+		}
 		if s.gs.close != nil {
 			s.closeErr = s.gs.close()
 		} else {
