@@ -31,6 +31,7 @@ import (
 	"github.com/jmoiron/sqlx"
 
 	"github.com/stele-dev/stele/eventstore"
+	"github.com/stele-dev/stele/eventstore/pgstore"
 )
 
 // Handler receives events at least once, in feed order.
@@ -108,6 +109,12 @@ type Config struct {
 	// dead letters are kept in memory (tests, memstore).
 	DB     *sqlx.DB
 	Schema string
+	// Tenant binds the runner to a tenant (pgstore.Store.ForTenant): its
+	// checkpoint, dead letters and every transaction it opens, a TxHandler's
+	// included, belong to that tenant, so read-model rows written there take
+	// it too. Requires DB. When the store is bound to a tenant (it has a
+	// Tenant method) and Tenant is empty, the store's tenant is used.
+	Tenant string
 	// LeaseRetry is how often a runner waiting for the lease tries to take
 	// it. Defaults to 1s.
 	LeaseRetry time.Duration
@@ -127,6 +134,14 @@ func (c Config) withDefaults(tx bool) (Config, error) {
 	}
 	if c.DB != nil && c.Schema == "" {
 		errs = append(errs, errors.New("projection: Config.Schema is required with Config.DB"))
+	}
+	if c.Tenant != "" {
+		if err := pgstore.ValidateTenant(c.Tenant); err != nil {
+			errs = append(errs, fmt.Errorf("projection: Config.Tenant: %w", err))
+		}
+		if c.DB == nil {
+			errs = append(errs, errors.New("projection: Config.DB is required with Config.Tenant"))
+		}
 	}
 	if c.BatchSize < 0 || c.Retries < 0 || c.Backoff < 0 || c.MaxBackoff < 0 {
 		errs = append(errs, errors.New("projection: Config.BatchSize, Retries, Backoff and MaxBackoff must not be negative"))

@@ -27,33 +27,37 @@ func newQueries(schema string) (queries, error) {
 		return queries{}, fmt.Errorf("projection: Config.Schema: %w", err)
 	}
 	s := `"` + schema + `"`
+	// Rows belong to the transaction's tenant ('' for none): inserts take it
+	// from the column default, and reads name it.
+	tenant := `tenant_id = coalesce(current_setting('` + pgstore.TenantSetting + `', true), '')`
 	dlCols := `id, projection, stream_id, version, transaction_id::text, position, event_id::text, event_type, error, attempts, failed_at`
 	return queries{
 		leaseKey: "stele.projection:" + schema,
 		table:    s + `.projection_dead_letters`,
 		rebuilds: s + `.projection_rebuilds`,
-		loadCP:   `SELECT transaction_id::text, position FROM ` + s + `.projection_checkpoints WHERE name = $1`,
+		loadCP:   `SELECT transaction_id::text, position FROM ` + s + `.projection_checkpoints WHERE name = $1 AND ` + tenant,
 		saveCP: `INSERT INTO ` + s + `.projection_checkpoints (name, transaction_id, position, updated_at) VALUES ($1, $2::text::xid8, $3, now())
-			ON CONFLICT (name) DO UPDATE SET transaction_id = excluded.transaction_id, position = excluded.position, updated_at = now()`,
+			ON CONFLICT (tenant_id, name) DO UPDATE SET transaction_id = excluded.transaction_id, position = excluded.position, updated_at = now()`,
 		parkDL: `INSERT INTO ` + s + `.projection_dead_letters (projection, stream_id, version, transaction_id, position, event_id, event_type, error, attempts)
 			VALUES ($1, $2, $3, $4::text::xid8, $5, $6, $7, $8, $9)
-			ON CONFLICT (projection, event_id) DO UPDATE SET error = excluded.error, attempts = excluded.attempts, failed_at = now()`,
-		countDL:  `SELECT count(*) FROM ` + s + `.projection_dead_letters WHERE projection = $1`,
-		listDL:   `SELECT ` + dlCols + ` FROM ` + s + `.projection_dead_letters WHERE projection = $1 OR $1 = '' ORDER BY id`,
+			ON CONFLICT (tenant_id, projection, event_id) DO UPDATE SET error = excluded.error, attempts = excluded.attempts, failed_at = now()`,
+		countDL:  `SELECT count(*) FROM ` + s + `.projection_dead_letters WHERE projection = $1 AND ` + tenant,
+		listDL:   `SELECT ` + dlCols + ` FROM ` + s + `.projection_dead_letters WHERE (projection = $1 OR $1 = '') AND ` + tenant + ` ORDER BY id`,
 		getDL:    `SELECT ` + dlCols + ` FROM ` + s + `.projection_dead_letters WHERE id = $1`,
 		deleteDL: `DELETE FROM ` + s + `.projection_dead_letters WHERE id = $1`,
 		setSlot: `INSERT INTO ` + s + `.projection_slots (name, slot) VALUES ($1, $2)
 			ON CONFLICT (name) DO UPDATE SET slot = excluded.slot, switched_at = now()`,
 		getSlot: `SELECT slot FROM ` + s + `.projection_slots WHERE name = $1`,
 		setState: `INSERT INTO ` + s + `.projection_checkpoints (name, state, state_error, state_at) VALUES ($1, $2, $3, now())
-			ON CONFLICT (name) DO UPDATE SET state = excluded.state, state_error = excluded.state_error, state_at = now()`,
+			ON CONFLICT (tenant_id, name) DO UPDATE SET state = excluded.state, state_error = excluded.state_error, state_at = now()`,
 		requestRetry: `UPDATE ` + s + `.projection_dead_letters SET retry_requested_at = now() WHERE id = $1`,
-		requested:    `SELECT id FROM ` + s + `.projection_dead_letters WHERE projection = $1 AND retry_requested_at IS NOT NULL ORDER BY id`,
+		requested:    `SELECT id FROM ` + s + `.projection_dead_letters WHERE projection = $1 AND ` + tenant + ` AND retry_requested_at IS NOT NULL ORDER BY id`,
 	}, nil
 }
 
 type querier interface {
 	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
 	QueryRowxContext(ctx context.Context, query string, args ...any) *sqlx.Row
 	QueryxContext(ctx context.Context, query string, args ...any) (*sqlx.Rows, error)
 }
@@ -179,10 +183,10 @@ func RetryDeadLetter(ctx context.Context, store eventstore.Store, db *sqlx.DB, s
 	if err != nil {
 		return err
 	}
-	return retryDeadLetter(ctx, q, store, db, id, handler)
+	return retryDeadLetter(ctx, q, store, db, "", id, handler)
 }
 
-func retryDeadLetter(ctx context.Context, q queries, store eventstore.Store, db *sqlx.DB, id int64, handler any) error {
+func retryDeadLetter(ctx context.Context, q queries, store eventstore.Store, db *sqlx.DB, tenant string, id int64, handler any) error {
 	var txh BatchTxHandler
 	switch h := handler.(type) {
 	case BatchTxHandler:
@@ -198,6 +202,11 @@ func retryDeadLetter(ctx context.Context, q queries, store eventstore.Store, db 
 		return err
 	}
 	defer tx.Rollback()
+	if tenant != "" {
+		if err := pgstore.SetTenant(ctx, tx, tenant); err != nil {
+			return err
+		}
+	}
 	// The row lock makes concurrent retries of one dead letter take turns:
 	// the second finds it gone rather than applying the event again.
 	d, err := scanDeadLetter(tx.QueryRowxContext(ctx, q.getDL+` FOR UPDATE`, id))

@@ -14,6 +14,7 @@ import (
 	"github.com/jmoiron/sqlx"
 
 	"github.com/stele-dev/stele/eventstore"
+	"github.com/stele-dev/stele/eventstore/pgstore"
 )
 
 // Runner feeds one projection. Start it, Stop it; Status says how far it is.
@@ -51,6 +52,13 @@ func NewRunner(store eventstore.Store, handler any, cfg Config) (*Runner, error)
 	}
 	if store == nil {
 		return nil, errors.New("projection: NewRunner: store is nil")
+	}
+	if t, ok := store.(interface{ Tenant() string }); ok && t.Tenant() != "" {
+		if cfg.Tenant == "" {
+			cfg.Tenant = t.Tenant()
+		} else if cfg.Tenant != t.Tenant() {
+			return nil, fmt.Errorf("projection: NewRunner: Config.Tenant %q but the store is bound to tenant %q", cfg.Tenant, t.Tenant())
+		}
 	}
 	var err error
 	if r.cfg, err = cfg.withDefaults(r.th != nil); err != nil {
@@ -139,7 +147,10 @@ func (r *Runner) reportState(ctx context.Context, s State, cause error) {
 		m := cause.Error()
 		msg = &m
 	}
-	if _, err := r.cfg.DB.ExecContext(ctx, r.sql.setState, r.cfg.Name, string(s), msg); err != nil {
+	if err := r.onDB(ctx, func(q querier) error {
+		_, err := q.ExecContext(ctx, r.sql.setState, r.cfg.Name, string(s), msg)
+		return err
+	}); err != nil {
 		r.cfg.Logger.WarnContext(ctx, "projection: recording state failed", "projection", r.cfg.Name, "state", s, "err", err)
 	}
 }
@@ -237,7 +248,9 @@ const retryRequestPoll = 2 * time.Second
 // failure leaves the dead letter with its new error, not the runner stopped.
 func (r *Runner) retryRequested(ctx context.Context) {
 	var ids []int64
-	if err := r.cfg.DB.SelectContext(ctx, &ids, r.sql.requested, r.cfg.Name); err != nil {
+	if err := r.onDB(ctx, func(q querier) error {
+		return sqlx.SelectContext(ctx, q, &ids, r.sql.requested, r.cfg.Name)
+	}); err != nil {
 		r.cfg.Logger.WarnContext(ctx, "projection: reading retry requests failed", "projection", r.cfg.Name, "err", err)
 		return
 	}
@@ -249,9 +262,12 @@ func (r *Runner) retryRequested(ctx context.Context) {
 		}
 	}
 	for _, id := range ids {
-		err := retryDeadLetter(ctx, r.sql, r.store, r.cfg.DB, id, handler)
+		err := retryDeadLetter(ctx, r.sql, r.store, r.cfg.DB, r.cfg.Tenant, id, handler)
 		if err != nil {
-			r.cfg.DB.ExecContext(ctx, `UPDATE `+r.sql.table+` SET retry_requested_at = NULL, error = $2, attempts = attempts + 1, failed_at = now() WHERE id = $1`, id, err.Error())
+			r.onDB(ctx, func(q querier) error { //nolint:errcheck // the next request retries
+				_, err := q.ExecContext(ctx, `UPDATE `+r.sql.table+` SET retry_requested_at = NULL, error = $2, attempts = attempts + 1, failed_at = now() WHERE id = $1`, id, err.Error())
+				return err
+			})
 		}
 		r.cfg.Logger.InfoContext(ctx, "projection retried a dead letter", "projection", r.cfg.Name, "id", id, "err", err)
 	}
@@ -268,7 +284,15 @@ func (r *Runner) acquireLease(ctx context.Context) (*sqlx.Conn, error) {
 			return nil, fmt.Errorf("connecting for the lease: %w", err)
 		}
 		var got bool
-		err = conn.GetContext(ctx, &got, `SELECT pg_try_advisory_lock(hashtextextended($1, 0))`, r.sql.leaseKey+":"+r.cfg.Name)
+		err = conn.GetContext(ctx, &got, `SELECT pg_try_advisory_lock(hashtextextended($1, 0))`, r.leaseKey())
+		if err == nil && got && r.cfg.Tenant != "" {
+			// Session-wide on this connection, which the runner alone
+			// uses; releaseLease resets it.
+			_, err = conn.ExecContext(ctx, `SELECT set_config('`+pgstore.TenantSetting+`', $1, false)`, r.cfg.Tenant)
+			if err != nil {
+				conn.Raw(func(any) error { return driver.ErrBadConn }) //nolint:errcheck // drops the session and its lock
+			}
+		}
 		if err == nil && got {
 			r.cfg.Logger.InfoContext(ctx, "projection lease taken", "projection", r.cfg.Name)
 			return conn, nil
@@ -290,7 +314,10 @@ func (r *Runner) releaseLease(ctx context.Context, conn *sqlx.Conn) {
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	var unlocked bool
-	err := conn.GetContext(ctx, &unlocked, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, r.sql.leaseKey+":"+r.cfg.Name)
+	err := conn.GetContext(ctx, &unlocked, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, r.leaseKey())
+	if err == nil && r.cfg.Tenant != "" {
+		_, err = conn.ExecContext(ctx, `RESET `+pgstore.TenantSetting)
+	}
 	if err != nil || !unlocked {
 		// Do not hand a session that may still hold the lock back to the
 		// pool: make database/sql throw the connection away.
@@ -493,7 +520,12 @@ func (r *Runner) Status(ctx context.Context) (Status, error) {
 	st := Status{Name: r.cfg.Name, State: r.state, Position: r.pos, Err: r.err, DeadLetters: len(r.parked)}
 	r.mu.Unlock()
 	if r.cfg.DB != nil {
-		n, err := r.sql.countDeadLetters(ctx, r.cfg.DB, r.cfg.Name)
+		var n int
+		err := r.onDB(ctx, func(q querier) error {
+			var err error
+			n, err = r.sql.countDeadLetters(ctx, q, r.cfg.Name)
+			return err
+		})
 		if err != nil {
 			return st, err
 		}
@@ -543,4 +575,33 @@ func (r *Runner) DeadLetters() []DeadLetter {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return append([]DeadLetter(nil), r.parked...)
+}
+
+// leaseKey names the projection's advisory lock: one per schema, tenant and
+// name.
+func (r *Runner) leaseKey() string {
+	if r.cfg.Tenant == "" {
+		return r.sql.leaseKey + ":" + r.cfg.Name
+	}
+	return r.sql.leaseKey + ":" + r.cfg.Tenant + ":" + r.cfg.Name
+}
+
+// onDB runs fn on the pool, or for a runner bound to a tenant in a
+// transaction that set the tenant first.
+func (r *Runner) onDB(ctx context.Context, fn func(q querier) error) error {
+	if r.cfg.Tenant == "" {
+		return fn(r.cfg.DB)
+	}
+	tx, err := r.cfg.DB.BeginTxx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback() //nolint:errcheck // a no-op after Commit
+	if err := pgstore.SetTenant(ctx, tx, r.cfg.Tenant); err != nil {
+		return err
+	}
+	if err := fn(tx); err != nil {
+		return err
+	}
+	return tx.Commit()
 }

@@ -66,7 +66,12 @@ func (s *Store) Append(ctx context.Context, streamID string, expected eventstore
 		}
 	}
 	if errors.Is(r.err, errCheckStored) {
-		return s.checkStored(ctx, s.db, r)
+		var res eventstore.AppendResult
+		err := s.within(ctx, func(q Tx) error {
+			res, err = s.checkStored(ctx, q, r)
+			return err
+		})
+		return res, err
 	}
 	return r.res, r.err
 }
@@ -75,6 +80,7 @@ func (s *Store) Append(ctx context.Context, streamID string, expected eventstore
 type Tx interface {
 	StmtContext(ctx context.Context, stmt *sql.Stmt) *sql.Stmt
 	QueryContext(ctx context.Context, query string, args ...any) (*sql.Rows, error)
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
 }
 
 // AppendTx appends inside the caller's transaction, so business rows and
@@ -85,10 +91,18 @@ type Tx interface {
 //
 // Keep such transactions short: the global feed waits for every transaction
 // older than the ones it shows.
+//
+// A store bound to a tenant sets the tenant of tx (SetTenant) first, so the
+// rest of tx, read-model rows included, belongs to that tenant too.
 func (s *Store) AppendTx(ctx context.Context, tx Tx, streamID string, expected eventstore.ExpectedVersion, events []eventstore.EventData) (eventstore.AppendResult, error) {
 	prepared, err := eventstore.PrepareAppend(streamID, expected, events, s.cfg.Limits)
 	if err != nil {
 		return eventstore.AppendResult{}, err
+	}
+	if s.tenant != "" {
+		if err := SetTenant(ctx, tx, s.tenant); err != nil {
+			return eventstore.AppendResult{}, err
+		}
 	}
 	r := &request{streamID: streamID, expected: expected, events: prepared}
 	p, err := s.stmt(ctx, stmtAppend)
@@ -118,11 +132,14 @@ func (s *Store) runGroup(ctx context.Context, group []*request) {
 		}
 		return
 	}
-	if err := s.execGroup(ctx, p, group, false); err == nil {
+	exec := func(group []*request, checkIDs bool) error {
+		return s.within(ctx, func(q Tx) error { return s.execGroup(ctx, q.StmtContext(ctx, p), group, checkIDs) })
+	}
+	if err := exec(group, false); err == nil {
 		return
 	}
 	for _, r := range group {
-		if err := s.execGroup(ctx, p, []*request{r}, true); err != nil {
+		if err := exec([]*request{r}, true); err != nil {
 			r.err = translate(r.streamID, err)
 		}
 	}
@@ -249,14 +266,12 @@ func buildArgs(group []*request, checkIDs bool) []any {
 // checkStored settles an append whose ids are already stored: the same batch
 // again is an idempotent retry and returns the first result; anything else
 // is an IdempotencyError.
-func (s *Store) checkStored(ctx context.Context, q interface {
-	QueryContext(context.Context, string, ...any) (*sql.Rows, error)
-}, r *request) (eventstore.AppendResult, error) {
+func (s *Store) checkStored(ctx context.Context, q Tx, r *request) (eventstore.AppendResult, error) {
 	ids := make([]string, len(r.events))
 	for i, e := range r.events {
 		ids[i] = e.ID.String()
 	}
-	rows, err := q.QueryContext(ctx, s.stmts.text[stmtStoredByID], pq.StringArray(ids))
+	rows, err := q.QueryContext(ctx, s.stmts.text[stmtStoredByID], pq.StringArray(ids), s.tenant)
 	if err != nil {
 		return eventstore.AppendResult{}, fmt.Errorf("pgstore: checking stored events of %q: %w", r.streamID, err)
 	}

@@ -146,6 +146,9 @@ func LookupStream(ctx context.Context, db sqlx.QueryerContext, schema, streamID 
 	if err := eventstore.ValidateStreamID(streamID); err != nil {
 		return StreamStatus{}, err
 	}
+	if err := refuseTenancy(ctx, db, schema); err != nil {
+		return StreamStatus{}, err
+	}
 	q := quoteIdent(schema)
 	st := StreamStatus{StreamID: streamID, Category: eventstore.Category(streamID), State: StreamAbsent}
 	var version, retiredVersion sql.NullInt64
@@ -550,6 +553,9 @@ func PlanRetention(ctx context.Context, db sqlx.QueryerContext, schema string, p
 	if err := p.validate(); err != nil {
 		return RetentionResult{}, err
 	}
+	if err := refuseTenancy(ctx, db, schema); err != nil {
+		return RetentionResult{}, err
+	}
 	q := quoteIdent(schema)
 	res := RetentionResult{Policy: p}
 	var olderThan any // NULL: no age limit
@@ -811,6 +817,9 @@ func lockSeal(ctx context.Context, tx *sqlx.Tx, schema string) error {
 // batch (`stele seal`). Appends made meanwhile are sealed next time.
 func Seal(ctx context.Context, db *sqlx.DB, schema string) (SealResult, error) {
 	if err := ValidateSchema(schema); err != nil {
+		return SealResult{}, err
+	}
+	if err := refuseTenancy(ctx, db, schema); err != nil {
 		return SealResult{}, err
 	}
 	q := quoteIdent(schema)
@@ -1165,6 +1174,9 @@ func Verify(ctx context.Context, db *sqlx.DB, schema string) ([]VerifyProblem, e
 func VerifyHistory(ctx context.Context, db *sqlx.DB, schema string, opts VerifyOpts) (VerifyReport, error) {
 	var r VerifyReport
 	if err := ValidateSchema(schema); err != nil {
+		return r, err
+	}
+	if err := refuseTenancy(ctx, db, schema); err != nil {
 		return r, err
 	}
 	var want []byte

@@ -109,8 +109,10 @@ type Store struct {
 	cfg    Config
 	schema string // quoted
 	wake   *notify.Notifier
-	stmts  statements
-	commit *committer // nil when group commit is off
+	stmts  *statements // shared with the stores ForTenant returns
+	commit *committer  // nil when group commit is off
+	tenant string      // "" unless made by ForTenant
+	child  bool        // made by ForTenant: Close leaves stmts to the parent
 }
 
 var _ eventstore.Store = (*Store)(nil)
@@ -125,7 +127,7 @@ func New(db *sqlx.DB, config *Config) (*Store, error) {
 	if db == nil {
 		return nil, errors.New("pgstore: New: db is nil")
 	}
-	s := &Store{db: db, cfg: cfg, schema: quoteIdent(cfg.Schema), wake: notify.New(cfg.PollInterval)}
+	s := &Store{db: db, cfg: cfg, schema: quoteIdent(cfg.Schema), wake: notify.New(cfg.PollInterval), stmts: &statements{}}
 	s.stmts.init(s.schema)
 	if !cfg.DisableGroupCommit {
 		s.commit = newCommitter(s)
@@ -138,6 +140,9 @@ func New(db *sqlx.DB, config *Config) (*Store, error) {
 func (s *Store) Close() error {
 	if s.commit != nil {
 		s.commit.close()
+	}
+	if s.child {
+		return nil
 	}
 	return s.stmts.close()
 }
@@ -185,38 +190,45 @@ const (
 const eventColumns = `e.global_position, e.transaction_id::text AS xid, e.stream_id, e.version, e.event_id, e.event_type, e.content_type, e.data, e.metadata, e.recorded_at`
 
 func (st *statements) init(schema string) {
-	feed := `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
-		WHERE (e.transaction_id, e.global_position) > ($1::text::xid8, $2::bigint)
+	// Every statement names the tenant ('' for a store bound to none) as its
+	// last parameter: the keys and indexes lead with it.
+	feed := func(tenant string) string {
+		return `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
+		WHERE (e.tenant_id, e.transaction_id, e.global_position) > (` + tenant + `, $1::text::xid8, $2::bigint)
+		  AND e.tenant_id = ` + tenant + `
 		  AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())`
-	order := ` ORDER BY e.transaction_id, e.global_position LIMIT $3`
+	}
+	order := ` ORDER BY e.tenant_id, e.transaction_id, e.global_position LIMIT $3`
 	// The category feed states its cursor over (category, transaction_id,
 	// global_position), which only the category index can seek to, so a
 	// generic plan cannot settle for filtering the whole feed instead.
-	catFeed := `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
-		WHERE (e.category, e.transaction_id, e.global_position) > ($4, $1::text::xid8, $2::bigint)
-		  AND e.category = $4
+	catFeed := func(tenant string) string {
+		return `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
+		WHERE (e.tenant_id, e.category, e.transaction_id, e.global_position) > (` + tenant + `, $4, $1::text::xid8, $2::bigint)
+		  AND e.tenant_id = ` + tenant + ` AND e.category = $4
 		  AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())`
-	catOrder := ` ORDER BY e.category, e.transaction_id, e.global_position LIMIT $3`
+	}
+	catOrder := ` ORDER BY e.tenant_id, e.category, e.transaction_id, e.global_position LIMIT $3`
 	st.text = map[string]string{
 		stmtAppend: `SELECT o_req, o_status, o_actual, o_first_pos, o_last_pos, o_xid FROM ` + schema +
 			`.append_events($1::text[], $2::bigint[], $3::int[], $4::int[], $5::int[], $6::int[], $7::uuid[], $8::text[], $9::text[], $10::bytea[], $11::jsonb[], $12::boolean)`,
-		stmtStoredByID: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e WHERE e.event_id = ANY ($1::uuid[])`,
+		stmtStoredByID: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e WHERE e.event_id = ANY ($1::uuid[]) AND e.tenant_id = $2`,
 		stmtReadFwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
-			WHERE e.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3`,
+			WHERE e.tenant_id = $4 AND e.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3`,
 		stmtReadBwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
-			WHERE e.stream_id = $1 AND e.version <= $2 ORDER BY e.version DESC LIMIT $3`,
-		stmtVersion: `SELECT version FROM ` + schema + `.streams WHERE stream_id = $1`,
+			WHERE e.tenant_id = $4 AND e.stream_id = $1 AND e.version <= $2 ORDER BY e.version DESC LIMIT $3`,
+		stmtVersion: `SELECT version FROM ` + schema + `.streams WHERE tenant_id = $2 AND stream_id = $1`,
 		stmtHead: `SELECT e.transaction_id::text AS xid, e.global_position FROM ` + schema + `.events e
-			WHERE e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-			ORDER BY e.transaction_id DESC, e.global_position DESC LIMIT 1`,
-		stmtReadAll:         feed + order,
-		stmtReadAllCategory: catFeed + catOrder,
-		stmtReadAllSince:    feed + ` AND e.recorded_at >= $4` + order,
-		stmtReadAllCatSince: catFeed + ` AND e.recorded_at >= $5` + catOrder,
+			WHERE e.tenant_id = $1 AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+			ORDER BY e.tenant_id DESC, e.transaction_id DESC, e.global_position DESC LIMIT 1`,
+		stmtReadAll:         feed("$4") + order,
+		stmtReadAllCategory: catFeed("$5") + catOrder,
+		stmtReadAllSince:    feed("$5") + ` AND e.recorded_at >= $4` + order,
+		stmtReadAllCatSince: catFeed("$6") + ` AND e.recorded_at >= $5` + catOrder,
 		stmtListStreams: `SELECT stream_id, category, version, created_at, updated_at FROM ` + schema + `.streams
-			WHERE stream_id > $1 AND version > 0 ORDER BY stream_id LIMIT $2`,
+			WHERE tenant_id = $3 AND stream_id > $1 AND version > 0 ORDER BY tenant_id, stream_id LIMIT $2`,
 		stmtListCategory: `SELECT stream_id, category, version, created_at, updated_at FROM ` + schema + `.streams
-			WHERE category = $3 AND stream_id > $1 AND version > 0 ORDER BY stream_id LIMIT $2`,
+			WHERE tenant_id = $4 AND category = $3 AND stream_id > $1 AND version > 0 ORDER BY tenant_id, category, stream_id LIMIT $2`,
 	}
 	st.prepared = make(map[string]*sql.Stmt)
 }
@@ -224,7 +236,7 @@ func (st *statements) init(schema string) {
 // get returns the prepared statement name, preparing it on first use. A
 // failed prepare (say, the schema is not migrated yet) is retried next time.
 func (s *Store) stmt(ctx context.Context, name string) (*sql.Stmt, error) {
-	st := &s.stmts
+	st := s.stmts
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	if p := st.prepared[name]; p != nil {
@@ -249,12 +261,23 @@ func (st *statements) close() error {
 	return errors.Join(errs...)
 }
 
-func (s *Store) query(ctx context.Context, name string, args ...any) (*sql.Rows, error) {
+// queryEvents runs the events statement name with args (the tenant is added
+// as the last) and scans the rows.
+func (s *Store) queryEvents(ctx context.Context, name string, sizeHint int, args ...any) ([]eventstore.Event, error) {
 	p, err := s.stmt(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	return p.QueryContext(ctx, args...)
+	var events []eventstore.Event
+	err = s.within(ctx, func(q Tx) error {
+		rows, err := q.StmtContext(ctx, p).QueryContext(ctx, append(args, s.tenant)...)
+		if err != nil {
+			return err
+		}
+		events, err = scanEvents(rows, sizeHint)
+		return err
+	})
+	return events, err
 }
 
 func pageLimit(n int) int {
@@ -270,21 +293,17 @@ func (s *Store) ReadStream(ctx context.Context, streamID string, opts eventstore
 		return nil, err
 	}
 	limit := pageLimit(opts.Limit)
-	var rows *sql.Rows
+	var events []eventstore.Event
 	var err error
 	if opts.Direction == eventstore.Backward {
 		from := int64(opts.From)
 		if from <= 0 {
 			from = 1<<63 - 1
 		}
-		rows, err = s.query(ctx, stmtReadBwd, streamID, from, limit)
+		events, err = s.queryEvents(ctx, stmtReadBwd, limit, streamID, from, limit)
 	} else {
-		rows, err = s.query(ctx, stmtReadFwd, streamID, int64(max(opts.From, 1)), limit)
+		events, err = s.queryEvents(ctx, stmtReadFwd, limit, streamID, int64(max(opts.From, 1)), limit)
 	}
-	if err != nil {
-		return nil, fmt.Errorf("pgstore: reading stream %q: %w", streamID, err)
-	}
-	events, err := scanEvents(rows, limit)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: reading stream %q: %w", streamID, err)
 	}
@@ -296,11 +315,7 @@ func (s *Store) LoadStream(ctx context.Context, streamID string) ([]eventstore.E
 	if err := eventstore.ValidateStreamID(streamID); err != nil {
 		return nil, err
 	}
-	rows, err := s.query(ctx, stmtReadFwd, streamID, int64(1), int64(1<<62))
-	if err != nil {
-		return nil, fmt.Errorf("pgstore: loading stream %q: %w", streamID, err)
-	}
-	events, err := scanEvents(rows, 64)
+	events, err := s.queryEvents(ctx, stmtReadFwd, 64, streamID, int64(1), int64(1<<62))
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: loading stream %q: %w", streamID, err)
 	}
@@ -317,7 +332,9 @@ func (s *Store) StreamVersion(ctx context.Context, streamID string) (eventstore.
 		return 0, fmt.Errorf("pgstore: reading version of %q: %w", streamID, err)
 	}
 	var v int64
-	err = p.QueryRowContext(ctx, streamID).Scan(&v)
+	err = s.within(ctx, func(q Tx) error {
+		return q.StmtContext(ctx, p).QueryRowContext(ctx, streamID, s.tenant).Scan(&v)
+	})
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, nil
 	}
@@ -342,11 +359,7 @@ func (s *Store) ReadAll(ctx context.Context, opts eventstore.ReadAllOpts) ([]eve
 	case !opts.Since.IsZero():
 		name, args = stmtReadAllSince, append(args, opts.Since)
 	}
-	rows, err := s.query(ctx, name, args...)
-	if err != nil {
-		return nil, fmt.Errorf("pgstore: reading the feed after %s: %w", opts.After, err)
-	}
-	events, err := scanEvents(rows, limit)
+	events, err := s.queryEvents(ctx, name, limit, args...)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: reading the feed after %s: %w", opts.After, err)
 	}
@@ -361,7 +374,9 @@ func (s *Store) Head(ctx context.Context) (eventstore.Position, error) {
 	}
 	var xid string
 	var pos eventstore.Position
-	err = p.QueryRowContext(ctx).Scan(&xid, &pos.GlobalPosition)
+	err = s.within(ctx, func(q Tx) error {
+		return q.StmtContext(ctx, p).QueryRowContext(ctx, s.tenant).Scan(&xid, &pos.GlobalPosition)
+	})
 	if errors.Is(err, sql.ErrNoRows) {
 		return eventstore.Start, nil
 	}
@@ -377,28 +392,34 @@ func (s *Store) Head(ctx context.Context) (eventstore.Position, error) {
 // ListStreams pages through streams in id order.
 func (s *Store) ListStreams(ctx context.Context, opts eventstore.ListStreamsOpts) ([]eventstore.StreamInfo, error) {
 	limit := pageLimit(opts.Limit)
-	var rows *sql.Rows
-	var err error
+	name, args := stmtListStreams, []any{opts.After, limit, s.tenant}
 	if opts.Category != "" {
-		rows, err = s.query(ctx, stmtListCategory, opts.After, limit, opts.Category)
-	} else {
-		rows, err = s.query(ctx, stmtListStreams, opts.After, limit)
+		name, args = stmtListCategory, []any{opts.After, limit, opts.Category, s.tenant}
 	}
+	p, err := s.stmt(ctx, name)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: listing streams: %w", err)
 	}
-	defer rows.Close()
 	var out []eventstore.StreamInfo
-	for rows.Next() {
-		var si eventstore.StreamInfo
-		var v int64
-		if err := rows.Scan(&si.StreamID, &si.Category, &v, &si.CreatedAt, &si.UpdatedAt); err != nil {
-			return nil, fmt.Errorf("pgstore: listing streams: %w", err)
+	err = s.within(ctx, func(q Tx) error {
+		out = out[:0]
+		rows, err := q.StmtContext(ctx, p).QueryContext(ctx, args...)
+		if err != nil {
+			return err
 		}
-		si.Version = eventstore.Version(v)
-		out = append(out, si)
-	}
-	if err := rows.Err(); err != nil {
+		defer rows.Close()
+		for rows.Next() {
+			var si eventstore.StreamInfo
+			var v int64
+			if err := rows.Scan(&si.StreamID, &si.Category, &v, &si.CreatedAt, &si.UpdatedAt); err != nil {
+				return err
+			}
+			si.Version = eventstore.Version(v)
+			out = append(out, si)
+		}
+		return rows.Err()
+	})
+	if err != nil {
 		return nil, fmt.Errorf("pgstore: listing streams: %w", err)
 	}
 	return out, nil

@@ -1,0 +1,216 @@
+package pgstore
+
+import (
+	"context"
+	"database/sql"
+	"errors"
+	"fmt"
+	"regexp"
+
+	"github.com/jmoiron/sqlx"
+)
+
+// Tenancy. Every stream, event, snapshot, projection checkpoint and
+// projection dead letter carries a tenant id; the store New returns is
+// bound to none (tenant ""), and ForTenant returns one bound to a tenant.
+// Every statement a bound store runs is in a transaction that first sets
+// stele.tenant with SET LOCAL semantics (set_config(..., true)), and names
+// the tenant in its WHERE clause. EnableTenancy turns on row-level security,
+// so PostgreSQL itself, not only this package, keeps tenants apart.
+
+// TenantSetting is the PostgreSQL setting that holds the tenant of the
+// current transaction. Row-level security policies compare each row's
+// tenant_id with it; inserts take their tenant_id from it.
+const TenantSetting = "stele.tenant"
+
+// tenantRE: tenant ids are short, printable and free of anything SQL or a
+// log line would treat specially. They are always passed as parameters.
+var tenantRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$`)
+
+// TenantError reports a tenant id that is not valid. Nothing was written.
+type TenantError struct {
+	Tenant string
+}
+
+func (e *TenantError) Error() string {
+	return fmt.Sprintf("pgstore: tenant %q: want 1-63 of [A-Za-z0-9_.@-], starting with a letter or digit", e.Tenant)
+}
+
+// ValidateTenant checks a tenant id.
+func ValidateTenant(tenant string) error {
+	if !tenantRE.MatchString(tenant) {
+		return &TenantError{Tenant: tenant}
+	}
+	return nil
+}
+
+// ForTenant returns a store bound to tenant: it reads and appends only that
+// tenant's streams, and its appends are group-committed apart from other
+// tenants' (one transaction, one SET LOCAL, per group). It shares the
+// database and prepared statements with s; close it when done (it does not
+// close s). With row-level security on (EnableTenancy), PostgreSQL refuses
+// it any other tenant's rows.
+func (s *Store) ForTenant(tenant string) (*Store, error) {
+	if err := ValidateTenant(tenant); err != nil {
+		return nil, err
+	}
+	t := &Store{db: s.db, cfg: s.cfg, schema: s.schema, wake: s.wake, stmts: s.stmts, tenant: tenant, child: true}
+	if !s.cfg.DisableGroupCommit {
+		t.commit = newCommitter(t)
+	}
+	return t, nil
+}
+
+// Tenant returns the tenant the store is bound to, "" for none.
+func (s *Store) Tenant() string { return s.tenant }
+
+// SetTenant sets the tenant of tx (SET LOCAL semantics: until tx ends). Use
+// it in a transaction that writes a read model, or that calls AppendTx on a
+// bound store's behalf, so its rows take the tenant and row-level security
+// lets it see that tenant's rows.
+func SetTenant(ctx context.Context, tx interface {
+	ExecContext(ctx context.Context, query string, args ...any) (sql.Result, error)
+}, tenant string) error {
+	if err := ValidateTenant(tenant); err != nil {
+		return err
+	}
+	if _, err := tx.ExecContext(ctx, `SELECT set_config('`+TenantSetting+`', $1, true)`, tenant); err != nil {
+		return fmt.Errorf("pgstore: setting tenant %q: %w", tenant, err)
+	}
+	return nil
+}
+
+// pool runs statements on the database directly: what a store bound to no
+// tenant uses instead of a transaction.
+type pool struct{ *sqlx.DB }
+
+func (pool) StmtContext(_ context.Context, st *sql.Stmt) *sql.Stmt { return st }
+
+// within runs fn on the pool or, for a store bound to a tenant, in a
+// transaction that has set the tenant first.
+func (s *Store) within(ctx context.Context, fn func(q Tx) error) error {
+	if s.tenant == "" {
+		return fn(pool{s.db})
+	}
+	tx, err := s.db.BeginTx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	if err := SetTenant(ctx, tx, s.tenant); err != nil {
+		tx.Rollback() //nolint:errcheck // the error that matters is err
+		return err
+	}
+	if err := fn(tx); err != nil {
+		tx.Rollback() //nolint:errcheck
+		return err
+	}
+	return tx.Commit()
+}
+
+// tenantTables are the stele tables that carry a tenant_id column.
+var tenantTables = []string{"streams", "events", "snapshots", "projection_checkpoints", "projection_dead_letters"}
+
+// ErrTenancyEnabled is returned by the operations that do not yet work per
+// tenant (archive, retention, tombstone, hash-chain seal and verify) on a
+// schema where EnableTenancy has turned row-level security on, or that
+// holds streams of a tenant.
+var ErrTenancyEnabled = errors.New("pgstore: this operation does not yet work per tenant, and the schema holds tenants' streams or has row-level security on")
+
+// EnableTenancy turns on row-level security, FORCEd so that the tables'
+// owner is held to it as well, on every stele table that carries a tenant
+// and on the extra tables given (read models: each needs a tenant_id text
+// column; see TenantColumnSQL). A row is then visible and writable only in a
+// transaction whose stele.tenant equals its tenant_id; a transaction that
+// set no tenant sees and writes nothing. Superusers and roles with
+// BYPASSRLS are not held to it: run the application as a plain role
+// (AppRoleGrants). It is an audited admin action, and idempotent.
+func EnableTenancy(ctx context.Context, db *sqlx.DB, schema, actor string, extraTables ...string) error {
+	if err := ValidateSchema(schema); err != nil {
+		return err
+	}
+	tables := make([]string, 0, len(tenantTables)+len(extraTables))
+	for _, t := range tenantTables {
+		tables = append(tables, quoteIdent(schema)+"."+quoteIdent(t))
+	}
+	for _, t := range extraTables {
+		q, err := qualifiedTable(schema, t)
+		if err != nil {
+			return err
+		}
+		tables = append(tables, q)
+	}
+	_, err := Admin(ctx, db, schema, AdminAction{Actor: actor, Action: "enable-tenancy", Detail: map[string]any{"tables": tables}},
+		func(tx *sqlx.Tx) error {
+			for _, t := range tables {
+				for _, stmt := range tenancySQL(t) {
+					if _, err := tx.ExecContext(ctx, stmt); err != nil {
+						return fmt.Errorf("%s: %w", t, err)
+					}
+				}
+			}
+			return nil
+		})
+	return err
+}
+
+// tenancySQL turns row-level security on for table (quoted, qualified).
+// The setting is read in a sub-select, so PostgreSQL evaluates it once per
+// statement rather than once per row. An empty tenant matches nothing: a
+// session whose SET LOCAL ended reads the setting as "" rather than NULL.
+func tenancySQL(table string) []string {
+	cond := `tenant_id = (SELECT current_setting('` + TenantSetting + `', true)) AND tenant_id <> ''`
+	return []string{
+		`ALTER TABLE ` + table + ` ENABLE ROW LEVEL SECURITY`,
+		`ALTER TABLE ` + table + ` FORCE ROW LEVEL SECURITY`,
+		`DROP POLICY IF EXISTS stele_tenant ON ` + table,
+		`CREATE POLICY stele_tenant ON ` + table + ` USING (` + cond + `) WITH CHECK (` + cond + `)`,
+	}
+}
+
+// TenantColumnSQL returns the statement that gives a read-model table the
+// tenant_id column EnableTenancy expects: filled from the transaction's
+// tenant, so a projection's TxHandler writes it without naming it.
+func TenantColumnSQL(schema, table string) (string, error) {
+	q, err := qualifiedTable(schema, table)
+	if err != nil {
+		return "", err
+	}
+	return `ALTER TABLE ` + q + ` ADD COLUMN IF NOT EXISTS tenant_id text NOT NULL DEFAULT coalesce(current_setting('` +
+		TenantSetting + `', true), '')`, nil
+}
+
+// qualifiedTable quotes "table" or "schema2.table" (checked like schema
+// names), defaulting to schema.
+func qualifiedTable(schema, table string) (string, error) {
+	sch, name := schema, table
+	for i := 0; i < len(table); i++ {
+		if table[i] == '.' {
+			sch, name = table[:i], table[i+1:]
+			break
+		}
+	}
+	if err := ValidateSchema(sch); err != nil {
+		return "", err
+	}
+	if !identRE.MatchString(name) {
+		return "", fmt.Errorf("pgstore: table %q: want [a-z_][a-z0-9_]*, at most 63 bytes", table)
+	}
+	return quoteIdent(sch) + "." + quoteIdent(name), nil
+}
+
+// refuseTenancy returns ErrTenancyEnabled if the schema has row-level
+// security on its events or holds any tenant's stream: the operations that
+// call it name streams by id alone.
+func refuseTenancy(ctx context.Context, q sqlx.QueryerContext, schema string) error {
+	var inUse bool
+	err := q.QueryRowxContext(ctx, `SELECT (SELECT relrowsecurity FROM pg_class WHERE oid = $1::regclass)
+		OR EXISTS (SELECT 1 FROM `+quoteIdent(schema)+`.streams WHERE tenant_id > '')`,
+		quoteIdent(schema)+".events").Scan(&inUse)
+	if err != nil {
+		return fmt.Errorf("pgstore: checking for tenants in %s: %w", schema, err)
+	}
+	if inUse {
+		return ErrTenancyEnabled
+	}
+	return nil
+}
