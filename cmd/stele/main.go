@@ -63,7 +63,7 @@ func newRootCmd() *cobra.Command {
 		newBenchCmd(g),
 		newProjectionsCmd(g), newDLQCmd(g), newOutboxCmd(g), newBusCmd(g), newSagasCmd(g), newGdprCmd(g),
 		newArchiveCmd(g), newTombstoneCmd(g), newRetentionCmd(g), newSealCmd(g), newVerifyCmd(g), newAuditCmd(g),
-		newRestoreCheckCmd(g), newRestoreRepairCmd(g), newRestoreMapCmd(g),
+		newRestoreCheckCmd(g), newRestoreRepairCmd(g), newRestoreMapCmd(g), newTenancyCmd(g),
 	)
 	return root
 }

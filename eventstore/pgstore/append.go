@@ -141,6 +141,9 @@ func (s *Store) runGroup(ctx context.Context, group []*request) {
 	for _, r := range group {
 		if err := exec([]*request{r}, true); err != nil {
 			r.err = translate(r.streamID, err)
+			if s.tenant != "" && isUniqueViolation(err) {
+				r.err = s.idsOfOtherTenant(ctx, r, r.err)
+			}
 		}
 	}
 }
@@ -288,6 +291,39 @@ func (s *Store) checkStored(ctx context.Context, q Tx, r *request) (eventstore.A
 
 // sqlState is implemented by lib/pq's and pgx's error types alike.
 type sqlState interface{ SQLState() string }
+
+func isUniqueViolation(err error) bool {
+	var st sqlState
+	return errors.As(err, &st) && st.SQLState() == "23505"
+}
+
+// idsOfOtherTenant tells apart, for a store bound to a tenant, the two
+// reasons an append checked by id can still hit the unique index on event
+// ids: another append of this tenant stored one of them meanwhile (retry:
+// the retry finds it), or another tenant holds it, where row-level security
+// hides it and no retry can succeed.
+func (s *Store) idsOfOtherTenant(ctx context.Context, r *request, err error) error {
+	var visible bool
+	ids := make([]string, len(r.events))
+	for i, e := range r.events {
+		ids[i] = e.ID.String()
+	}
+	qerr := s.within(ctx, func(q Tx) error {
+		rows, err := q.QueryContext(ctx, `SELECT 1 FROM `+s.schema+`.events WHERE event_id = ANY ($1::uuid[]) AND tenant_id = $2 LIMIT 1`,
+			pq.StringArray(ids), s.tenant)
+		if err != nil {
+			return err
+		}
+		defer rows.Close()
+		visible = rows.Next()
+		return rows.Err()
+	})
+	if qerr != nil || visible {
+		return err
+	}
+	return fmt.Errorf("%w: appending to %q: an event id of this append is already stored outside tenant %q",
+		eventstore.ErrIdempotencyMismatch, r.streamID, s.tenant)
+}
 
 // translate maps driver errors at the edge: the ones a fresh transaction can
 // clear become retryable.

@@ -13,6 +13,7 @@ import (
 	"database/sql"
 	"encoding/hex"
 	"fmt"
+	"net/url"
 	"os"
 	"strings"
 	"sync"
@@ -117,4 +118,36 @@ func VerifyMain(m *testing.M) {
 		}
 	}
 	os.Exit(code)
+}
+
+// Role creates a login role named name, runs setup (grants, as the caller
+// of db), and returns a pool of db's driver logged in as that role. The
+// pool is closed and the role dropped, with everything it owns, when the
+// test ends. Tests of row-level security need it: superusers, like the
+// postgres user tests otherwise connect as, are never held to it.
+func Role(t testing.TB, db *sqlx.DB, name string, setup ...string) *sqlx.DB {
+	t.Helper()
+	Exec(t, db, `CREATE ROLE "`+name+`" LOGIN`)
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+		defer cancel()
+		for _, s := range []string{`DROP OWNED BY "` + name + `" CASCADE`, `DROP ROLE "` + name + `"`} {
+			if _, err := db.ExecContext(ctx, s); err != nil {
+				t.Errorf("%s: %v", s, err)
+			}
+		}
+	})
+	Exec(t, db, setup...)
+	u, err := url.Parse(DSN())
+	if err != nil {
+		t.Fatalf("STELE_TEST_DSN %q: want a postgres:// URL to log in as another role: %v", DSN(), err)
+	}
+	u.User = url.User(name)
+	rdb, err := sqlx.Open(db.DriverName(), u.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	rdb.SetMaxOpenConns(8)
+	t.Cleanup(func() { _ = rdb.Close() }) // runs before the role is dropped
+	return rdb
 }
