@@ -16,6 +16,7 @@ import (
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/internal/tenanttest"
 	"github.com/stele-dev/stele/internal/testdb"
+	"github.com/stele-dev/stele/internal/wait"
 )
 
 // TestTenantConformance: a store bound to a tenant, as the application
@@ -87,7 +88,14 @@ func TestTenantsCannotReachEachOther(t *testing.T) {
 		if v, err := globex.StreamVersion(ctx, "order-2"); err != nil || v != 0 {
 			t.Errorf("globex sees acme's order-2 at version %d (%v)", v, err)
 		}
-		feed, err := globex.ReadAll(ctx, eventstore.ReadAllOpts{Limit: 100})
+		// The feed shows a transaction's events once every older transaction
+		// in the cluster has ended; wait for that, then look at all of it.
+		var feed []eventstore.Event
+		var err error
+		wait.Until(t, "globex's event in its feed", func() bool {
+			feed, err = globex.ReadAll(ctx, eventstore.ReadAllOpts{Limit: 100})
+			return err != nil || len(feed) > 0
+		})
 		if err != nil || len(feed) != 1 || feed[0].StreamID != "order-1" || feed[0].Type != "shipped" {
 			t.Errorf("globex's feed holds %v (%v), want its one event", feed, err)
 		}
