@@ -17,6 +17,7 @@ import (
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/memstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
+	"github.com/stele-dev/stele/internal/tenanttest"
 	"github.com/stele-dev/stele/internal/testdb"
 )
 
@@ -83,6 +84,27 @@ func registry() *codec.Registry {
 func backends(t *testing.T, fn func(t *testing.T, store eventstore.Store, snaps func() aggregate.SnapshotStore)) {
 	t.Run("memory", func(t *testing.T) {
 		fn(t, memstore.New(nil), func() aggregate.SnapshotStore { return aggregate.NewMemorySnapshots() })
+	})
+	// A tenant's store and snapshots, as the application role with
+	// row-level security on, beside another tenant that holds the same
+	// account ids, with snapshots far ahead of anything the tests write.
+	t.Run("tenant", func(t *testing.T) {
+		db := testdb.Open(t, "postgres")
+		tn := tenanttest.New(t, db)
+		tn.Enable(t)
+		noise := tn.Tenant(t, "noise")
+		noiseSnaps := must(must(pgsnapshot.New(tn.App, tn.Schema)).ForTenant("noise"))
+		for _, id := range []string{"account-1", "account-7", "account-big", "account-x"} {
+			if _, err := noise.Append(context.Background(), id, eventstore.Any, []eventstore.EventData{{Type: "noise", Data: []byte(`{}`)}}); err != nil {
+				t.Fatal(err)
+			}
+			if err := noiseSnaps.SaveSnapshot(context.Background(), aggregate.Snapshot{StreamID: id, Version: 1_000_000, SchemaVersion: 1, Data: []byte("{not json")}); err != nil {
+				t.Fatal(err)
+			}
+		}
+		fn(t, tn.Tenant(t, "acme"), func() aggregate.SnapshotStore {
+			return must(must(pgsnapshot.New(tn.App, tn.Schema)).ForTenant("acme"))
+		})
 	})
 	for _, driver := range testdb.Drivers {
 		t.Run(driver, func(t *testing.T) {
@@ -364,4 +386,11 @@ func TestSaveIsSafeToRetry(t *testing.T) {
 			t.Fatalf("stream holds %d events after a retried save, want 2", len(evs))
 		}
 	})
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }

@@ -129,6 +129,9 @@ context only, and no ratio (a relayed message or a saga is not a single-row INSE
 							c := cfg
 							res, err = benchPostgres(ctx, g, name, scale, &c, o)
 							res.Store, res.GroupCommit = "postgres/"+g.driver, groupCommit
+							if g.tenant != "" {
+								res.Store += "/tenant"
+							}
 						}
 						if err != nil {
 							return fmt.Errorf("%s: %w", label, err)
@@ -210,6 +213,16 @@ func benchPostgres(ctx context.Context, g *globalOpts, name string, scale float6
 	}
 	defer store.Close()
 	var s eventstore.Store = store
+	if g.tenant != "" {
+		// --tenant: the workload runs on a store bound to that tenant (one
+		// transaction and SET LOCAL per group commit and per read).
+		bound, err := store.ForTenant(g.tenant)
+		if err != nil {
+			return bench.Result{}, err
+		}
+		defer bound.Close()
+		s = bound
+	}
 	return bench.RunWith(ctx, s, bench.DB{DB: db, Schema: cfg.Schema}, name, scale, opts)
 }
 

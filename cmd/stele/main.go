@@ -39,6 +39,7 @@ type globalOpts struct {
 	dsn    string
 	schema string
 	driver string
+	tenant string
 }
 
 func newRootCmd() *cobra.Command {
@@ -56,6 +57,7 @@ func newRootCmd() *cobra.Command {
 	f.StringVar(&g.dsn, "dsn", "", "PostgreSQL connection URL (default $STELE_DSN, else "+defaultDSN+")")
 	f.StringVar(&g.schema, "schema", "stele", "schema holding the event store tables")
 	f.StringVar(&g.driver, "driver", "postgres", "database/sql driver: postgres (lib/pq) or pgx")
+	f.StringVar(&g.tenant, "tenant", "", "read the event store as this tenant (streams, sagas, the feed behind outbox and projection status)")
 
 	root.AddCommand(
 		withMigrateAudit(g, newMigrateCmd(g)),
@@ -96,5 +98,14 @@ func (g *globalOpts) openStore(ctx context.Context) (*pgstore.Store, func(), err
 		db.Close()
 		return nil, nil, err
 	}
-	return store, func() { store.Close(); db.Close() }, nil
+	if g.tenant == "" {
+		return store, func() { store.Close(); db.Close() }, nil
+	}
+	bound, err := store.ForTenant(g.tenant)
+	if err != nil {
+		store.Close()
+		db.Close()
+		return nil, nil, err
+	}
+	return bound, func() { bound.Close(); store.Close(); db.Close() }, nil
 }

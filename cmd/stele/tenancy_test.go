@@ -37,3 +37,30 @@ func TestTenancyEnableCLI(t *testing.T) {
 		t.Errorf("the audit trail does not show alice enabling tenancy twice:\n%s", out)
 	}
 }
+
+// TestTenantFlag: --tenant makes the read commands show that tenant's streams.
+func TestTenantFlag(t *testing.T) {
+	c, store := newCLI(t, "postgres")
+	for _, tenant := range []string{"acme", "globex"} {
+		s, err := store.ForTenant(tenant)
+		if err != nil {
+			t.Fatal(err)
+		}
+		appendEvents(t, s, "order-"+tenant, "OrderPlaced")
+		s.Close()
+	}
+	appendEvents(t, store, "order-none", "OrderPlaced")
+	for tenant, want := range map[string]string{"acme": "order-acme", "globex": "order-globex", "": "order-none"} {
+		args := []string{"streams", "ls"}
+		if tenant != "" {
+			args = append([]string{"--tenant", tenant}, args...)
+		}
+		assertRows(t, c.mustRun(args...), [][]string{
+			{"STREAM", "CATEGORY", "VERSION", "UPDATED_AT"},
+			{want, "order", "1"},
+		})
+	}
+	if _, err := c.runErr("--tenant", "bad tenant", "streams", "ls"); err == nil {
+		t.Error("--tenant 'bad tenant' was accepted")
+	}
+}

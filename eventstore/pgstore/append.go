@@ -125,16 +125,18 @@ func (s *Store) AppendTx(ctx context.Context, tx Tx, streamID string, expected e
 // error reaches the append that caused it.
 func (s *Store) runGroup(ctx context.Context, group []*request) {
 	defer s.wake.Notify()
-	p, err := s.stmt(ctx, stmtAppend)
+	name, extra := stmtAppend, []any(nil)
+	if s.tenant != "" {
+		name, extra = stmtAppendTenant, []any{s.tenant}
+	}
+	p, err := s.stmt(ctx, name)
 	if err != nil {
 		for _, r := range group {
 			r.err = fmt.Errorf("pgstore: appending to %q: %w", r.streamID, err)
 		}
 		return
 	}
-	exec := func(group []*request, checkIDs bool) error {
-		return s.within(ctx, func(q Tx) error { return s.execGroup(ctx, q.StmtContext(ctx, p), group, checkIDs) })
-	}
+	exec := func(group []*request, checkIDs bool) error { return s.execGroup(ctx, p, group, checkIDs, extra...) }
 	if err := exec(group, false); err == nil {
 		return
 	}
@@ -160,14 +162,15 @@ func sortByStream(group []*request) []*request {
 	return sorted
 }
 
-// execGroup runs append_events for group and sets each request's outcome. It
+// execGroup runs append_events for group (extra: the arguments a statement
+// takes after append_events' own, the tenant) and sets each request's outcome. It
 // returns the statement's error, if the statement failed as a whole.
-func (s *Store) execGroup(ctx context.Context, stmt *sql.Stmt, group []*request, checkIDs bool) error {
+func (s *Store) execGroup(ctx context.Context, stmt *sql.Stmt, group []*request, checkIDs bool, extra ...any) error {
 	for _, r := range group {
 		r.attempts++
 	}
 	sorted := sortByStream(group)
-	rows, err := stmt.QueryContext(ctx, buildArgs(sorted, checkIDs)...)
+	rows, err := stmt.QueryContext(ctx, append(buildArgs(sorted, checkIDs), extra...)...)
 	if err != nil {
 		return err
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/internal/testdb"
+	"github.com/stele-dev/stele/internal/wait"
 )
 
 // govAppend appends n events to stream, each with its own data and metadata.
@@ -148,7 +149,17 @@ func TestArchiveRetentionTombstoneKeepOtherStreamsIntact(t *testing.T) {
 	for _, s := range names {
 		before[s] = load(t, store, s)
 	}
-	fullFeed := feed(t, store, eventstore.Start)
+	// The feed shows the last appends once every older transaction in the
+	// cluster (other tests' too) has ended.
+	total := 0
+	for _, n := range counts {
+		total += n
+	}
+	var fullFeed []eventstore.Event
+	wait.Until(t, "every appended event in the feed", func() bool {
+		fullFeed = feed(t, store, eventstore.Start)
+		return len(fullFeed) == total
+	})
 	checkpoint := fullFeed[len(fullFeed)/2].Position
 
 	// The actions.

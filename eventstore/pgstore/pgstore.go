@@ -171,6 +171,7 @@ type statements struct {
 
 const (
 	stmtAppend          = "append"
+	stmtAppendTenant    = "appendTenant"
 	stmtStoredByID      = "stored"
 	stmtReadFwd         = "readFwd"
 	stmtReadBwd         = "readBwd"
@@ -212,6 +213,13 @@ func (st *statements) init(schema string) {
 	st.text = map[string]string{
 		stmtAppend: `SELECT o_req, o_status, o_actual, o_first_pos, o_last_pos, o_xid FROM ` + schema +
 			`.append_events($1::text[], $2::bigint[], $3::int[], $4::int[], $5::int[], $6::int[], $7::uuid[], $8::text[], $9::text[], $10::bytea[], $11::jsonb[], $12::boolean)`,
+		// A tenant's group commit in one autocommit statement: the one-row
+		// subquery sets the tenant for the statement's transaction (SET
+		// LOCAL), and the function, whose first argument depends on that
+		// row, runs only after it.
+		stmtAppendTenant: `SELECT o_req, o_status, o_actual, o_first_pos, o_last_pos, o_xid
+			FROM (SELECT set_config('` + TenantSetting + `', $13, true) AS tenant) t, LATERAL ` + schema +
+			`.append_events(CASE WHEN t.tenant = $13 THEN $1::text[] END, $2::bigint[], $3::int[], $4::int[], $5::int[], $6::int[], $7::uuid[], $8::text[], $9::text[], $10::bytea[], $11::jsonb[], $12::boolean) o`,
 		stmtStoredByID: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e WHERE e.event_id = ANY ($1::uuid[]) AND e.tenant_id = $2`,
 		stmtReadFwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
 			WHERE e.tenant_id = $4 AND e.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3`,
