@@ -192,24 +192,11 @@ const eventColumns = `e.global_position, e.transaction_id::text AS xid, e.stream
 
 func (st *statements) init(schema string) {
 	// Every statement names the tenant ('' for a store bound to none) as its
-	// last parameter: the keys and indexes lead with it.
-	feed := func(tenant string) string {
-		return `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
-		WHERE (e.tenant_id, e.transaction_id, e.global_position) > (` + tenant + `, $1::text::xid8, $2::bigint)
-		  AND e.tenant_id = ` + tenant + `
-		  AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())`
-	}
-	order := ` ORDER BY e.tenant_id, e.transaction_id, e.global_position LIMIT $3`
-	// The category feed states its cursor over (category, transaction_id,
-	// global_position), which only the category index can seek to, so a
-	// generic plan cannot settle for filtering the whole feed instead.
-	catFeed := func(tenant string) string {
-		return `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
-		WHERE (e.tenant_id, e.category, e.transaction_id, e.global_position) > (` + tenant + `, $4, $1::text::xid8, $2::bigint)
-		  AND e.tenant_id = ` + tenant + ` AND e.category = $4
-		  AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())`
-	}
-	catOrder := ` ORDER BY e.tenant_id, e.category, e.transaction_id, e.global_position LIMIT $3`
+	// last parameter: the keys and indexes lead with it. The feed's reads are
+	// functions of migration 0008, which pin their plans.
+	feed := `SELECT * FROM ` + schema + `.read_feed(`
+	catFeed := `SELECT * FROM ` + schema + `.read_category_feed(`
+	cursor := `$1::text::xid8, $2::bigint, $3::int, `
 	st.text = map[string]string{
 		stmtAppend: `SELECT o_req, o_status, o_actual, o_first_pos, o_last_pos, o_xid FROM ` + schema +
 			`.append_events($1::text[], $2::bigint[], $3::int[], $4::int[], $5::int[], $6::int[], $7::uuid[], $8::text[], $9::text[], $10::bytea[], $11::jsonb[], $12::boolean)`,
@@ -225,14 +212,12 @@ func (st *statements) init(schema string) {
 			WHERE e.tenant_id = $4 AND e.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3`,
 		stmtReadBwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
 			WHERE e.tenant_id = $4 AND e.stream_id = $1 AND e.version <= $2 ORDER BY e.version DESC LIMIT $3`,
-		stmtVersion: `SELECT version FROM ` + schema + `.streams WHERE tenant_id = $2 AND stream_id = $1`,
-		stmtHead: `SELECT e.transaction_id::text AS xid, e.global_position FROM ` + schema + `.events e
-			WHERE e.tenant_id = $1 AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
-			ORDER BY e.tenant_id DESC, e.transaction_id DESC, e.global_position DESC LIMIT 1`,
-		stmtReadAll:         feed("$4") + order,
-		stmtReadAllCategory: catFeed("$5") + catOrder,
-		stmtReadAllSince:    feed("$5") + ` AND e.recorded_at >= $4` + order,
-		stmtReadAllCatSince: catFeed("$6") + ` AND e.recorded_at >= $5` + catOrder,
+		stmtVersion:         `SELECT version FROM ` + schema + `.streams WHERE tenant_id = $2 AND stream_id = $1`,
+		stmtHead:            `SELECT * FROM ` + schema + `.feed_head($1)`,
+		stmtReadAll:         feed + `$4, ` + cursor + `NULL)`,
+		stmtReadAllSince:    feed + `$5, ` + cursor + `$4)`,
+		stmtReadAllCategory: catFeed + `$5, $4, ` + cursor + `NULL)`,
+		stmtReadAllCatSince: catFeed + `$6, $4, ` + cursor + `$5)`,
 		stmtListStreams: `SELECT stream_id, category, version, created_at, updated_at FROM ` + schema + `.streams
 			WHERE tenant_id = $3 AND stream_id > $1 AND version > 0 ORDER BY tenant_id, stream_id LIMIT $2`,
 		stmtListCategory: `SELECT stream_id, category, version, created_at, updated_at FROM ` + schema + `.streams

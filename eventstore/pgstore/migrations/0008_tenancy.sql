@@ -185,3 +185,70 @@ BEGIN
     LEFT JOIN pos ON pos.i = r.i
    ORDER BY r.i;
 END $$;
+
+-- The feed's reads, as functions so that their plans are always the
+-- generic one: an equality on the tenant (and category) and a row
+-- comparison on (transaction_id, global_position), which the feed index
+-- seeks to. A prepared statement is planned for its first arguments
+-- instead, and on a table never analyzed (a bulk load read at once) the
+-- default estimate for the tenant's equality, a few rows, made that plan a
+-- bitmap scan and a sort of every row after the cursor: 250 ms a page
+-- instead of 2. The cursor is never stated over the equality columns too:
+-- a row comparison that starts at a column with an equality is only
+-- filtered, from the start of the tenant's rows. Row-level security, when
+-- on, adds its own equality on the tenant, which leaves this shape intact.
+CREATE FUNCTION {{schema}}.read_feed(p_tenant text, p_xid xid8, p_pos bigint, p_limit int, p_since timestamptz)
+RETURNS TABLE (global_position bigint, xid text, stream_id text, version bigint, event_id uuid, event_type text,
+               content_type text, data bytea, metadata jsonb, recorded_at timestamptz)
+LANGUAGE plpgsql STABLE
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
+    SELECT e.global_position, e.transaction_id::text, e.stream_id, e.version, e.event_id, e.event_type,
+           e.content_type, e.data, e.metadata, e.recorded_at
+      FROM {{schema}}.events e
+     WHERE e.tenant_id = p_tenant
+       AND (e.transaction_id, e.global_position) > (p_xid, p_pos)
+       AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+       AND (p_since IS NULL OR e.recorded_at >= p_since)
+     ORDER BY e.tenant_id, e.transaction_id, e.global_position
+     LIMIT p_limit;
+END $$;
+
+CREATE FUNCTION {{schema}}.read_category_feed(p_tenant text, p_category text, p_xid xid8, p_pos bigint, p_limit int, p_since timestamptz)
+RETURNS TABLE (global_position bigint, xid text, stream_id text, version bigint, event_id uuid, event_type text,
+               content_type text, data bytea, metadata jsonb, recorded_at timestamptz)
+LANGUAGE plpgsql STABLE
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
+    SELECT e.global_position, e.transaction_id::text, e.stream_id, e.version, e.event_id, e.event_type,
+           e.content_type, e.data, e.metadata, e.recorded_at
+      FROM {{schema}}.events e
+     WHERE e.tenant_id = p_tenant AND e.category = p_category
+       AND (e.transaction_id, e.global_position) > (p_xid, p_pos)
+       AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+       AND (p_since IS NULL OR e.recorded_at >= p_since)
+     ORDER BY e.tenant_id, e.category, e.transaction_id, e.global_position
+     LIMIT p_limit;
+END $$;
+
+-- The last event the feed shows now.
+CREATE FUNCTION {{schema}}.feed_head(p_tenant text)
+RETURNS TABLE (xid text, global_position bigint)
+LANGUAGE plpgsql STABLE
+SET plan_cache_mode = force_generic_plan
+AS $$
+#variable_conflict use_column
+BEGIN
+  RETURN QUERY
+    SELECT e.transaction_id::text, e.global_position
+      FROM {{schema}}.events e
+     WHERE e.tenant_id = p_tenant AND e.transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+     ORDER BY e.tenant_id DESC, e.transaction_id DESC, e.global_position DESC
+     LIMIT 1;
+END $$;
