@@ -394,3 +394,21 @@ func must[T any](v T, err error) T {
 	}
 	return v
 }
+
+// TestSnapshotsOfAnotherTenantRefused: a repository over one tenant's events
+// with another tenant's (or no tenant's) snapshots is a configuration error.
+func TestSnapshotsOfAnotherTenantRefused(t *testing.T) {
+	db := testdb.Open(t, "postgres")
+	store, schema := pgStore(t, db)
+	acme := must(store.ForTenant("acme"))
+	defer acme.Close()
+	snaps := must(pgsnapshot.New(db, schema))
+	for _, s := range []*pgsnapshot.Store{snaps, must(snaps.ForTenant("globex"))} {
+		if _, err := aggregate.NewRepository[Account](acme, aggregate.Config{Category: "account", Codec: registry(), Snapshots: s}); err == nil {
+			t.Errorf("acme's events with tenant %q's snapshots were accepted", s.Tenant())
+		}
+	}
+	if _, err := aggregate.NewRepository[Account](acme, aggregate.Config{Category: "account", Codec: registry(), Snapshots: must(snaps.ForTenant("acme"))}); err != nil {
+		t.Errorf("acme's events with acme's snapshots: %v", err)
+	}
+}

@@ -74,6 +74,14 @@ func NewRepository[T any, P interface {
 	if cfg.SnapshotEvery < 0 || cfg.MaxRetries < 0 {
 		errs = append(errs, errors.New("aggregate: Config.SnapshotEvery and Config.MaxRetries must not be negative"))
 	}
+	// Tenants (pgstore.Store.ForTenant, pgsnapshot.Store.ForTenant): the
+	// snapshots must be the events' tenant's, or a load could start from
+	// another tenant's snapshot of the same stream id.
+	if st, ok := store.(interface{ Tenant() string }); ok && cfg.Snapshots != nil {
+		if sn, ok := cfg.Snapshots.(interface{ Tenant() string }); ok && sn.Tenant() != st.Tenant() {
+			errs = append(errs, fmt.Errorf("aggregate: Config.Snapshots is tenant %q's, the store tenant %q's", sn.Tenant(), st.Tenant()))
+		}
+	}
 	if err := errors.Join(errs...); err != nil {
 		return nil, err
 	}

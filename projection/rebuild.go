@@ -62,12 +62,6 @@ func Rebuild(ctx context.Context, store eventstore.Store, cfg RebuildConfig, slo
 	if err != nil {
 		return nil, err
 	}
-	// A slot is built once from the start: reusing one would resume it.
-	if p, err := q.loadCheckpoint(ctx, cfg.DB, SlotName(base, slot)); err != nil {
-		return nil, err
-	} else if p != eventstore.Start {
-		return nil, fmt.Errorf("projection: slot %s of %s was used before; rebuild into a new slot", slot, base)
-	}
 	h, err := cfg.Handler(slot)
 	if err != nil {
 		return nil, err
@@ -78,6 +72,17 @@ func Rebuild(ctx context.Context, store eventstore.Store, cfg RebuildConfig, slo
 	r, err := NewRunner(store, h, rc)
 	if err != nil {
 		return nil, err
+	}
+	// A slot is built once from the start: reusing one would resume it. The
+	// checkpoint is the runner's tenant's.
+	var used eventstore.Position
+	if err := r.onDB(ctx, func(db querier) (err error) {
+		used, err = q.loadCheckpoint(ctx, db, rc.Name)
+		return err
+	}); err != nil {
+		return nil, err
+	} else if used != eventstore.Start {
+		return nil, fmt.Errorf("projection: slot %s of %s was used before; rebuild into a new slot", slot, base)
 	}
 	head, err := store.Head(ctx)
 	if err != nil {

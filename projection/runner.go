@@ -53,12 +53,15 @@ func NewRunner(store eventstore.Store, handler any, cfg Config) (*Runner, error)
 	if store == nil {
 		return nil, errors.New("projection: NewRunner: store is nil")
 	}
-	if t, ok := store.(interface{ Tenant() string }); ok && t.Tenant() != "" {
-		if cfg.Tenant == "" {
-			cfg.Tenant = t.Tenant()
-		} else if cfg.Tenant != t.Tenant() {
-			return nil, fmt.Errorf("projection: NewRunner: Config.Tenant %q but the store is bound to tenant %q", cfg.Tenant, t.Tenant())
-		}
+	// The feed comes from the store: the runner's tenant must be the store's.
+	storeTenant := ""
+	if t, ok := store.(interface{ Tenant() string }); ok {
+		storeTenant = t.Tenant()
+	}
+	if cfg.Tenant == "" {
+		cfg.Tenant = storeTenant
+	} else if cfg.Tenant != storeTenant {
+		return nil, fmt.Errorf("projection: NewRunner: Config.Tenant %q but the store is bound to tenant %q (use pgstore.Store.ForTenant)", cfg.Tenant, storeTenant)
 	}
 	var err error
 	if r.cfg, err = cfg.withDefaults(r.th != nil); err != nil {

@@ -32,6 +32,15 @@ type store struct {
 // AppendTx.
 func (t *Telemetry) Store(s eventstore.Store) eventstore.Store { return &store{Store: s, t: t} }
 
+// Tenant is the wrapped store's tenant (pgstore.Store.ForTenant), "" if it
+// has none, so that a projection runner over the decorated store knows it.
+func (s *store) Tenant() string {
+	if t, ok := s.Store.(interface{ Tenant() string }); ok {
+		return t.Tenant()
+	}
+	return ""
+}
+
 func (s *store) Append(ctx context.Context, streamID string, expected eventstore.ExpectedVersion, events []eventstore.EventData) (eventstore.AppendResult, error) {
 	category := eventstore.Category(streamID)
 	parent := ctx

@@ -51,6 +51,9 @@ func (s *Store) ForTenant(tenant string) (*Store, error) {
 	return &t, nil
 }
 
+// Tenant returns the tenant the snapshots belong to, "" for none.
+func (s *Store) Tenant() string { return s.tenant }
+
 // within runs fn on the pool, or for a tenant in a transaction that set it.
 func (s *Store) within(ctx context.Context, fn func(q sqlx.ExecerContext, row func(string, ...any) *sql.Row) error) error {
 	if s.tenant == "" {

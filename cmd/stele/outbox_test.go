@@ -179,7 +179,10 @@ func TestOutboxStatus(t *testing.T) {
 				}
 				stop := startRelay(t, broken)
 				wait.Until(t, "the broken relay to record its error", func() bool {
-					return strings.Contains(c.relayStatus("broken")["broken"].LastError, errBrokerDown.Error())
+					// Until the relay's first loop the row may not exist yet.
+					out, err := c.runErr("outbox", "status", "--json", "broken")
+					var r relayJSON
+					return err == nil && json.Unmarshal([]byte(out), &r) == nil && strings.Contains(r.LastError, errBrokerDown.Error())
 				})
 				stop()
 				// As if its process had died: the lease runs out unreleased.

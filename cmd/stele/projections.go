@@ -61,7 +61,7 @@ can show lag for events of other categories that it will never handle.`,
 				return err
 			}
 			defer closeStore()
-			rows, err := loadProjections(ctx, store.DB(), g.schema)
+			rows, err := loadProjections(ctx, store.DB(), g.schema, store.Tenant())
 			if err != nil {
 				return err
 			}
@@ -108,18 +108,29 @@ type projectionJSON struct {
 // with dead letters but no checkpoint yet (a Handler that parked and then
 // crashed before its first checkpoint) is shown at the start of the feed,
 // where it would resume.
-func loadProjections(ctx context.Context, db *sqlx.DB, schema string) ([]projectionJSON, error) {
+func loadProjections(ctx context.Context, db *sqlx.DB, schema, tenant string) ([]projectionJSON, error) {
 	if err := requireProjectionTables(ctx, db, schema); err != nil {
 		return nil, err
 	}
 	s := `"` + schema + `"`
-	rows, err := db.QueryContext(ctx, `
+	// The tenant's rows only (and, under row-level security, visible).
+	tx, err := db.BeginTxx(ctx, &sql.TxOptions{ReadOnly: true})
+	if err != nil {
+		return nil, err
+	}
+	defer tx.Rollback() //nolint:errcheck // read-only
+	if tenant != "" {
+		if err := pgstore.SetTenant(ctx, tx, tenant); err != nil {
+			return nil, err
+		}
+	}
+	rows, err := tx.QueryContext(ctx, `
 		SELECT coalesce(c.name, d.projection), coalesce(c.transaction_id::text, '0'), coalesce(c.position, 0),
 		       c.updated_at, coalesce(d.n, 0), coalesce(c.state, 'idle'), coalesce(c.state_error, ''), c.state_at
-		FROM `+s+`.projection_checkpoints c
-		FULL JOIN (SELECT projection, count(*) AS n FROM `+s+`.projection_dead_letters GROUP BY projection) d
+		FROM (SELECT * FROM `+s+`.projection_checkpoints WHERE tenant_id = $1) c
+		FULL JOIN (SELECT projection, count(*) AS n FROM `+s+`.projection_dead_letters WHERE tenant_id = $1 GROUP BY projection) d
 		       ON d.projection = c.name
-		ORDER BY 1`)
+		ORDER BY 1`, tenant)
 	if err != nil {
 		return nil, fmt.Errorf("reading projection checkpoints: %w", err)
 	}

@@ -110,7 +110,13 @@ func (s *Store) AppendTx(ctx context.Context, tx Tx, streamID string, expected e
 		return eventstore.AppendResult{}, fmt.Errorf("pgstore: appending to %q: %w", streamID, err)
 	}
 	if err := s.execGroup(ctx, tx.StmtContext(ctx, p), []*request{r}, true); err != nil {
-		return eventstore.AppendResult{}, translate(streamID, err)
+		terr := translate(streamID, err)
+		if s.tenant != "" && isUniqueViolation(err) {
+			// Under row-level security another tenant's id is invisible to
+			// the id check: no retry can succeed (see runGroup).
+			terr = s.idsOfOtherTenant(ctx, r, terr)
+		}
+		return eventstore.AppendResult{}, terr
 	}
 	if errors.Is(r.err, errCheckStored) {
 		return s.checkStored(ctx, tx, r)

@@ -155,10 +155,10 @@ func LookupStream(ctx context.Context, db sqlx.QueryerContext, schema, streamID 
 	var state sql.NullString
 	var retiredAt sql.NullTime
 	err := db.QueryRowxContext(ctx, `SELECT s.version, r.state, r.version, r.retired_at,
-			(SELECT count(*) FROM `+q+`.events e WHERE e.stream_id = s.stream_id),
+			(SELECT count(*) FROM `+q+`.events e WHERE e.tenant_id = '' AND e.stream_id = s.stream_id),
 			(SELECT count(*) FROM `+q+`.archived_events a WHERE a.stream_id = s.stream_id)
 		FROM `+q+`.streams s LEFT JOIN `+q+`.retired_streams r ON r.stream_id = s.stream_id
-		WHERE s.stream_id = $1`, streamID).Scan(&version, &state, &retiredVersion, &retiredAt, &st.Events, &st.ArchivedEvents)
+		WHERE s.tenant_id = '' AND s.stream_id = $1`, streamID).Scan(&version, &state, &retiredVersion, &retiredAt, &st.Events, &st.ArchivedEvents)
 	if errors.Is(err, sql.ErrNoRows) {
 		return st, nil
 	}
@@ -179,17 +179,20 @@ func ListRetired(ctx context.Context, db sqlx.QueryerContext, schema, category s
 	if err := ValidateSchema(schema); err != nil {
 		return nil, err
 	}
+	if err := refuseTenancy(ctx, db, schema); err != nil {
+		return nil, err
+	}
 	if limit <= 0 {
 		limit = 1000
 	}
 	q := quoteIdent(schema)
 	rows, err := db.QueryContext(ctx, `
 		SELECT x.stream_id, coalesce(r.state, 'live'), coalesce(r.version, s.version, 0), r.retired_at,
-		       (SELECT count(*) FROM `+q+`.events e WHERE e.stream_id = x.stream_id),
+		       (SELECT count(*) FROM `+q+`.events e WHERE e.tenant_id = '' AND e.stream_id = x.stream_id),
 		       (SELECT count(*) FROM `+q+`.archived_events a WHERE a.stream_id = x.stream_id)
 		FROM (SELECT stream_id FROM `+q+`.retired_streams UNION SELECT DISTINCT stream_id FROM `+q+`.archived_events) x
 		LEFT JOIN `+q+`.retired_streams r ON r.stream_id = x.stream_id
-		LEFT JOIN `+q+`.streams s ON s.stream_id = x.stream_id
+		LEFT JOIN `+q+`.streams s ON s.tenant_id = '' AND s.stream_id = x.stream_id
 		WHERE $1 = '' OR split_part(x.stream_id, '-', 1) = $1
 		ORDER BY x.stream_id LIMIT $2`, category, limit)
 	if err != nil {
@@ -251,7 +254,7 @@ const auditIDSQL = `current_setting('stele.admin_action')::bigint`
 // lockStream locks a stream's row for an admin action and checks it is as
 // planned.
 func lockStream(ctx context.Context, tx *sqlx.Tx, q string, st StreamStatus) (version int64, created time.Time, err error) {
-	err = tx.QueryRowContext(ctx, `SELECT version, created_at FROM `+q+`.streams WHERE stream_id = $1 FOR UPDATE`, st.StreamID).Scan(&version, &created)
+	err = tx.QueryRowContext(ctx, `SELECT version, created_at FROM `+q+`.streams WHERE tenant_id = '' AND stream_id = $1 FOR UPDATE`, st.StreamID).Scan(&version, &created)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, time.Time{}, fmt.Errorf("stream %q: %w", st.StreamID, errChanged)
 	}
@@ -309,7 +312,7 @@ func ArchiveStream(ctx context.Context, db *sqlx.DB, schema, actor, streamID str
 					return err
 				}
 				moved, err := execCount(ctx, tx, `WITH moved AS (
-					DELETE FROM `+q+`.events WHERE stream_id = $1 RETURNING `+eventCols+`)
+					DELETE FROM `+q+`.events WHERE tenant_id = '' AND stream_id = $1 RETURNING `+eventCols+`)
 					INSERT INTO `+q+`.archived_events (`+eventCols+`, archived_by)
 					SELECT `+eventCols+`, `+auditIDSQL+` FROM moved`, streamID)
 				if err != nil {
@@ -333,11 +336,11 @@ func retire(ctx context.Context, tx *sqlx.Tx, q, streamID string, state StreamSt
 		streamID, string(state), version, created); err != nil {
 		return err
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE `+q+`.streams SET version = 0, updated_at = now() WHERE stream_id = $1`, streamID); err != nil {
+	if _, err := tx.ExecContext(ctx, `UPDATE `+q+`.streams SET version = 0, updated_at = now() WHERE tenant_id = '' AND stream_id = $1`, streamID); err != nil {
 		return err
 	}
 	// Snapshots are a cache of the stream's state: they go with its events.
-	_, err := tx.ExecContext(ctx, `DELETE FROM `+q+`.snapshots WHERE stream_id = $1`, streamID)
+	_, err := tx.ExecContext(ctx, `DELETE FROM `+q+`.snapshots WHERE tenant_id = '' AND stream_id = $1`, streamID)
 	return err
 }
 
@@ -401,7 +404,7 @@ func RestoreArchivedStream(ctx context.Context, db *sqlx.DB, schema, actor, stre
 				if _, err := tx.ExecContext(ctx, `DELETE FROM `+q+`.retired_streams WHERE stream_id = $1`, streamID); err != nil {
 					return err
 				}
-				_, err = tx.ExecContext(ctx, `UPDATE `+q+`.streams SET version = $2, updated_at = now() WHERE stream_id = $1`, streamID, int64(st.Version))
+				_, err = tx.ExecContext(ctx, `UPDATE `+q+`.streams SET version = $2, updated_at = now() WHERE tenant_id = '' AND stream_id = $1`, streamID, int64(st.Version))
 				return err
 			})
 		return res, err
@@ -464,7 +467,7 @@ func TombstoneStream(ctx context.Context, db *sqlx.DB, schema, actor, streamID s
 						return fmt.Errorf("its hash chain cannot be completed (%s); run stele verify", b.skipped[0].Detail)
 					}
 				}
-				n, err := execCount(ctx, tx, `DELETE FROM `+q+`.events WHERE stream_id = $1`, streamID)
+				n, err := execCount(ctx, tx, `DELETE FROM `+q+`.events WHERE tenant_id = '' AND stream_id = $1`, streamID)
 				if err != nil {
 					return err
 				}
@@ -568,13 +571,13 @@ func PlanRetention(ctx context.Context, db sqlx.QueryerContext, schema string, p
 	rows, err := db.QueryContext(ctx, `
 		WITH cut AS (
 		  SELECT e.stream_id, max(e.version) AS upto
-		  FROM `+q+`.events e JOIN `+q+`.streams s ON s.stream_id = e.stream_id
-		  WHERE e.category = $1
+		  FROM `+q+`.events e JOIN `+q+`.streams s ON s.tenant_id = '' AND s.stream_id = e.stream_id
+		  WHERE e.tenant_id = '' AND e.category = $1
 		    AND (($2::bigint > 0 AND e.version <= s.version - $2::bigint)
 		         OR ($3::timestamptz IS NOT NULL AND e.recorded_at < $3::timestamptz))
 		  GROUP BY e.stream_id)
 		SELECT c.stream_id, c.upto,
-		       (SELECT count(*) FROM `+q+`.events x WHERE x.stream_id = c.stream_id AND x.version <= c.upto)
+		       (SELECT count(*) FROM `+q+`.events x WHERE x.tenant_id = '' AND x.stream_id = c.stream_id AND x.version <= c.upto)
 		FROM cut c ORDER BY c.stream_id`, p.Category, p.MaxCount, olderThan)
 	if err != nil {
 		return RetentionResult{}, fmt.Errorf("pgstore: planning retention of %q: %w", p.Category, err)
@@ -626,7 +629,7 @@ func ApplyRetention(ctx context.Context, db *sqlx.DB, schema, actor string, p Re
 			func(tx *sqlx.Tx) error {
 				moved, err := execCount(ctx, tx, `WITH moved AS (
 					DELETE FROM `+q+`.events e USING unnest($1::text[], $2::bigint[]) AS c(sid, upto)
-					WHERE e.stream_id = c.sid AND e.version <= c.upto
+					WHERE e.tenant_id = '' AND e.stream_id = c.sid AND e.version <= c.upto
 					RETURNING `+prefixed("e.", eventCols)+`)
 					INSERT INTO `+q+`.archived_events (`+eventCols+`, archived_by)
 					SELECT `+eventCols+`, `+auditIDSQL+` FROM moved`, pq.StringArray(ids), pq.Int64Array(upTo))
@@ -886,7 +889,7 @@ func sealBatch(ctx context.Context, tx *sqlx.Tx, q, after, only string) (batchRe
 		FROM `+q+`.streams s
 		LEFT JOIN `+q+`.retired_streams r ON r.stream_id = s.stream_id
 		LEFT JOIN `+q+`.chain_heads h ON h.stream_id = s.stream_id
-		WHERE `+filter+` AND coalesce(r.version, s.version) > coalesce(h.version, 0)
+		WHERE s.tenant_id = '' AND `+filter+` AND coalesce(r.version, s.version) > coalesce(h.version, 0)
 		  AND r.state IS DISTINCT FROM 'tombstoned'
 		ORDER BY s.stream_id LIMIT $2`, args...)
 	if err != nil {
@@ -929,7 +932,7 @@ func sealBatch(ctx context.Context, tx *sqlx.Tx, q, after, only string) (batchRe
 	if len(sids) > 0 {
 		rows, err = tx.QueryContext(ctx, `
 			SELECT x.* FROM (
-			  SELECT `+chainEventCols+` FROM `+q+`.events
+			  SELECT `+chainEventCols+` FROM `+q+`.events WHERE tenant_id = ''
 			  UNION ALL
 			  SELECT `+chainEventCols+` FROM `+q+`.archived_events) x
 			JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS w(sid, head, top)
@@ -1220,12 +1223,12 @@ func verifyEvents(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) e
 		       s.version, r.state, r.version
 		FROM `+q+`.event_hashes h
 		FULL JOIN (
-		  SELECT 0 AS src, `+chainEventCols+` FROM `+q+`.events
+		  SELECT 0 AS src, `+chainEventCols+` FROM `+q+`.events WHERE tenant_id = ''
 		  UNION ALL
 		  SELECT 1, `+chainEventCols+` FROM `+q+`.archived_events
 		) x (src, stream_id, version, category, event_id, event_type, content_type, data, meta, micros)
 		  ON x.stream_id = h.stream_id AND x.version = h.version
-		LEFT JOIN `+q+`.streams s ON s.stream_id = coalesce(h.stream_id, x.stream_id)
+		LEFT JOIN `+q+`.streams s ON s.tenant_id = '' AND s.stream_id = coalesce(h.stream_id, x.stream_id)
 		LEFT JOIN `+q+`.retired_streams r ON r.stream_id = coalesce(h.stream_id, x.stream_id)
 		ORDER BY 1, 2, x.src`)
 	if err != nil {
@@ -1339,8 +1342,8 @@ func verifyEmptyStreams(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyRep
 	rows, err := tx.QueryContext(ctx, `
 		SELECT s.stream_id, coalesce(r.version, s.version)
 		FROM `+q+`.streams s LEFT JOIN `+q+`.retired_streams r ON r.stream_id = s.stream_id
-		WHERE coalesce(r.version, s.version) > 0 AND r.state IS DISTINCT FROM 'tombstoned'
-		  AND NOT EXISTS (SELECT 1 FROM `+q+`.events e WHERE e.stream_id = s.stream_id)
+		WHERE s.tenant_id = '' AND coalesce(r.version, s.version) > 0 AND r.state IS DISTINCT FROM 'tombstoned'
+		  AND NOT EXISTS (SELECT 1 FROM `+q+`.events e WHERE e.tenant_id = '' AND e.stream_id = s.stream_id)
 		  AND NOT EXISTS (SELECT 1 FROM `+q+`.archived_events a WHERE a.stream_id = s.stream_id)
 		  AND NOT EXISTS (SELECT 1 FROM `+q+`.event_hashes h WHERE h.stream_id = s.stream_id)
 		ORDER BY 1`)

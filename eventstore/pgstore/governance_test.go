@@ -732,3 +732,47 @@ func FuzzArchiveNames(f *testing.F) {
 		sameEvents(t, keep, load(t, store, keep), kept)
 	})
 }
+
+// TestGovernanceLookupsSeek: the governance lookups of a stream (by id, in a
+// schema bound to no tenant) read that stream's rows through the keys, which
+// lead with the tenant since migration 0008, not the whole log.
+func TestGovernanceLookupsSeek(t *testing.T) {
+	ctx := context.Background()
+	db := testdb.Open(t, "postgres")
+	store := newStore(t, db, pgstore.Config{})
+	q := `"` + store.Schema() + `"`
+	testdb.Exec(t, db,
+		`INSERT INTO `+q+`.streams (stream_id, category, version, last_xid) SELECT 'order-'||i, 'order', 5, '1' FROM generate_series(1, 20000) i`,
+		`INSERT INTO `+q+`.events (stream_id, version, category, event_id, event_type, content_type, data, metadata)
+		 SELECT 'order-'||i, v, 'order', gen_random_uuid(), 't', 'application/json', '\x7b7d', '{}' FROM generate_series(1, 20000) i, generate_series(1, 5) v`,
+		`ANALYZE `+q+`.events`, `ANALYZE `+q+`.streams`)
+	// One connection, so its statistics are the ones flushed below.
+	one, err := sqlx.Open(db.DriverName(), testdb.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer one.Close()
+	one.SetMaxOpenConns(1)
+	rowsRead := func() int64 {
+		t.Helper()
+		testdb.Exec(t, one, `SELECT pg_stat_force_next_flush()`)
+		var n int64
+		if err := one.GetContext(ctx, &n, `SELECT (SELECT coalesce(sum(seq_tup_read), 0) FROM pg_stat_user_tables
+			         WHERE schemaname = $1 AND relname IN ('events', 'streams', 'snapshots'))
+			      + (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes
+			         WHERE schemaname = $1 AND relname IN ('events', 'streams', 'snapshots'))`, store.Schema()); err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	before := rowsRead()
+	for range 3 {
+		st, err := pgstore.LookupStream(ctx, one, store.Schema(), "order-777")
+		if err != nil || st.Events != 5 {
+			t.Fatalf("LookupStream: %+v, %v", st, err)
+		}
+	}
+	if read := rowsRead() - before; read > 1000 {
+		t.Errorf("3 lookups of a 5-event stream read %d rows of the log's 120,000: not through the keys", read)
+	}
+}
