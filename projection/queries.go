@@ -43,14 +43,14 @@ func newQueries(schema string) (queries, error) {
 			ON CONFLICT (tenant_id, projection, event_id) DO UPDATE SET error = excluded.error, attempts = excluded.attempts, failed_at = now()`,
 		countDL:  `SELECT count(*) FROM ` + s + `.projection_dead_letters WHERE projection = $1 AND ` + tenant,
 		listDL:   `SELECT ` + dlCols + ` FROM ` + s + `.projection_dead_letters WHERE (projection = $1 OR $1 = '') AND ` + tenant + ` ORDER BY id`,
-		getDL:    `SELECT ` + dlCols + ` FROM ` + s + `.projection_dead_letters WHERE id = $1`,
-		deleteDL: `DELETE FROM ` + s + `.projection_dead_letters WHERE id = $1`,
+		getDL:    `SELECT ` + dlCols + ` FROM ` + s + `.projection_dead_letters WHERE id = $1 AND ` + tenant,
+		deleteDL: `DELETE FROM ` + s + `.projection_dead_letters WHERE id = $1 AND ` + tenant,
 		setSlot: `INSERT INTO ` + s + `.projection_slots (name, slot) VALUES ($1, $2)
 			ON CONFLICT (name) DO UPDATE SET slot = excluded.slot, switched_at = now()`,
 		getSlot: `SELECT slot FROM ` + s + `.projection_slots WHERE name = $1`,
 		setState: `INSERT INTO ` + s + `.projection_checkpoints (name, state, state_error, state_at) VALUES ($1, $2, $3, now())
 			ON CONFLICT (tenant_id, name) DO UPDATE SET state = excluded.state, state_error = excluded.state_error, state_at = now()`,
-		requestRetry: `UPDATE ` + s + `.projection_dead_letters SET retry_requested_at = now() WHERE id = $1`,
+		requestRetry: `UPDATE ` + s + `.projection_dead_letters SET retry_requested_at = now() WHERE id = $1 AND ` + tenant,
 		requested:    `SELECT id FROM ` + s + `.projection_dead_letters WHERE projection = $1 AND ` + tenant + ` AND retry_requested_at IS NOT NULL ORDER BY id`,
 	}, nil
 }

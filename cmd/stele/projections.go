@@ -324,7 +324,7 @@ is rebuilt.`,
 				Version                                int64
 			}
 			err = db.QueryRowContext(ctx, `SELECT projection, stream_id, version, event_type, error FROM "`+g.schema+
-				`".projection_dead_letters WHERE id = $1`, id).Scan(&d.Projection, &d.StreamID, &d.Version, &d.EventType, &d.Error)
+				`".projection_dead_letters WHERE id = $1 AND tenant_id = coalesce(current_setting('stele.tenant', true), '')`, id).Scan(&d.Projection, &d.StreamID, &d.Version, &d.EventType, &d.Error)
 			if err == nil {
 				err = projection.DiscardDeadLetter(ctx, db, g.schema, id)
 			} else if errors.Is(err, sql.ErrNoRows) {

@@ -2,10 +2,13 @@ package main
 
 import (
 	"context"
+	"errors"
+	"strconv"
 	"strings"
 	"testing"
 
 	"github.com/stele-dev/stele/internal/testdb"
+	"github.com/stele-dev/stele/projection"
 )
 
 // TestTenancyEnableCLI: stele tenancy enable turns on FORCEd row-level
@@ -40,7 +43,13 @@ func TestTenancyEnableCLI(t *testing.T) {
 
 // TestTenantFlag: --tenant makes the read commands show that tenant's streams.
 func TestTenantFlag(t *testing.T) {
-	c, store := newCLI(t, "postgres")
+	for _, driver := range testdb.Drivers {
+		t.Run(driver, func(t *testing.T) { tenantFlag(t, driver) })
+	}
+}
+
+func tenantFlag(t *testing.T, driver string) {
+	c, store := newCLI(t, driver)
 	for _, tenant := range []string{"acme", "globex"} {
 		s, err := store.ForTenant(tenant)
 		if err != nil {
@@ -62,5 +71,43 @@ func TestTenantFlag(t *testing.T) {
 	}
 	if _, err := c.runErr("--tenant", "bad tenant", "streams", "ls"); err == nil {
 		t.Error("--tenant 'bad tenant' was accepted")
+	}
+}
+
+// TestDLQPerTenant: with --tenant, stele dlq lists, discards and retries that
+// tenant's dead letters only; without it, tenant ''s.
+func TestDLQPerTenant(t *testing.T) {
+	c, store := newCLI(t, "postgres")
+	db := store.DB()
+	ids := map[string]int64{}
+	for _, tenant := range []string{"", "acme", "globex"} {
+		var id int64
+		if err := db.QueryRowContext(context.Background(), `INSERT INTO "`+c.schema+`".projection_dead_letters
+			(tenant_id, projection, stream_id, version, transaction_id, position, event_id, event_type, error, attempts)
+			VALUES ($1, 'orders', 'order-'||$1, 1, '5', 1, gen_random_uuid(), 'placed', 'boom', 3) RETURNING id`, tenant).Scan(&id); err != nil {
+			t.Fatal(err)
+		}
+		ids[tenant] = id
+	}
+	for tenant := range ids {
+		args := []string{"dlq", "ls"}
+		if tenant != "" {
+			args = append([]string{"--tenant", tenant}, args...)
+		}
+		out := c.mustRun(args...)
+		if rows := fields(out); len(rows) != 2 || rows[1][2] != "order-"+tenant {
+			t.Errorf("stele %s:\n%s\nwant only tenant %q's dead letter", strings.Join(args, " "), out, tenant)
+		}
+	}
+	acmeID := strconv.FormatInt(ids["acme"], 10)
+	for _, args := range [][]string{{"--tenant", "globex", "dlq", "discard", acmeID}, {"--tenant", "globex", "dlq", "retry", acmeID}, {"dlq", "discard", acmeID}} {
+		if _, err := c.runErr(args...); !errors.Is(err, projection.ErrNoDeadLetter) {
+			t.Errorf("stele %s: %v, want no such dead letter (it is acme's)", strings.Join(args, " "), err)
+		}
+	}
+	c.mustRun("--tenant", "acme", "dlq", "discard", acmeID)
+	var n int
+	if err := db.GetContext(context.Background(), &n, `SELECT count(*) FROM "`+c.schema+`".projection_dead_letters`); err != nil || n != 2 {
+		t.Errorf("%d dead letters left (%v), want the other two tenants'", n, err)
 	}
 }

@@ -252,3 +252,25 @@ BEGIN
      ORDER BY e.tenant_id DESC, e.transaction_id DESC, e.global_position DESC
      LIMIT 1;
 END $$;
+
+-- Retired streams (0007) are tenant ''s: governance refuses schemas with
+-- tenants. A tenant's stream is never refused for a retired stream id of
+-- tenant ''.
+CREATE OR REPLACE FUNCTION {{schema}}.refuse_retired_stream() RETURNS trigger LANGUAGE plpgsql
+  SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+DECLARE
+  v_state text;
+BEGIN
+  IF NEW.tenant_id <> '' THEN
+    RETURN NEW;
+  END IF;
+  SELECT r.state INTO v_state FROM {{schema}}.retired_streams r WHERE r.stream_id = NEW.stream_id;
+  IF v_state = 'archived' THEN
+    RAISE EXCEPTION 'stele: stream % is archived; restore it (stele archive restore) before appending', quote_literal(NEW.stream_id)
+      USING ERRCODE = 'SE701', DETAIL = NEW.stream_id;
+  ELSIF v_state = 'tombstoned' THEN
+    RAISE EXCEPTION 'stele: stream % is tombstoned; its id cannot be used again', quote_literal(NEW.stream_id)
+      USING ERRCODE = 'SE702', DETAIL = NEW.stream_id;
+  END IF;
+  RETURN NEW;
+END $$;
