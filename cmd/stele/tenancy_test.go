@@ -75,7 +75,7 @@ func tenantFlag(t *testing.T, driver string) {
 }
 
 // TestDLQPerTenant: with --tenant, stele dlq lists, discards and retries that
-// tenant's dead letters only; without it, tenant ''s.
+// tenant's dead letters only; without it, tenant ”s.
 func TestDLQPerTenant(t *testing.T) {
 	c, store := newCLI(t, "postgres")
 	db := store.DB()
