@@ -6,9 +6,6 @@ package main
 import (
 	"cmp"
 	"context"
-	"database/sql"
-	"database/sql/driver"
-	"errors"
 	"fmt"
 	"os"
 	"os/signal"
@@ -16,7 +13,7 @@ import (
 
 	_ "github.com/jackc/pgx/v5/stdlib" // driver "pgx"
 	"github.com/jmoiron/sqlx"
-	"github.com/lib/pq" // driver "postgres"
+	_ "github.com/lib/pq" // driver "postgres"
 	"github.com/spf13/cobra"
 
 	"github.com/stele-dev/stele/eventstore/pgstore"
@@ -83,7 +80,11 @@ func (g *globalOpts) openDB(ctx context.Context) (*sqlx.DB, error) {
 		return nil, err
 	}
 	if g.tenant != "" {
-		if db, err = asTenant(db, g.driver, dsn, g.tenant); err != nil {
+		// Every connection of the command's own pool sets the tenant for
+		// its session: each query of the command, the store's, the dead
+		// letters', the checkpoints' and the governance's, is the tenant's.
+		db.Close()
+		if db, err = pgstore.OpenForTenant(g.driver, dsn, g.tenant); err != nil {
 			return nil, err
 		}
 	}
@@ -116,51 +117,4 @@ func (g *globalOpts) openStore(ctx context.Context) (*pgstore.Store, func(), err
 		return nil, nil, err
 	}
 	return bound, func() { bound.Close(); store.Close(); db.Close() }, nil
-}
-
-// asTenant reopens db so that each of its connections sets stele.tenant for
-// its whole session: every query of the command, the store's, the dead
-// letters' and the checkpoints', sees that tenant's rows (and, under
-// row-level security, only those). The pool is the CLI's own and lives for
-// one command, so a session-wide setting cannot reach another tenant's work.
-func asTenant(db *sqlx.DB, driverName, dsn, tenant string) (*sqlx.DB, error) {
-	defer db.Close()
-	if err := pgstore.ValidateTenant(tenant); err != nil {
-		return nil, err
-	}
-	var c driver.Connector
-	var err error
-	if dc, ok := db.Driver().(driver.DriverContext); ok { // pgx
-		c, err = dc.OpenConnector(dsn)
-	} else { // lib/pq
-		c, err = pq.NewConnector(dsn)
-	}
-	if err != nil {
-		return nil, err
-	}
-	return sqlx.NewDb(sql.OpenDB(tenantConnector{Connector: c, tenant: tenant}), driverName), nil
-}
-
-// tenantConnector sets stele.tenant on each new connection.
-type tenantConnector struct {
-	driver.Connector
-	tenant string
-}
-
-func (c tenantConnector) Connect(ctx context.Context) (driver.Conn, error) {
-	conn, err := c.Connector.Connect(ctx)
-	if err != nil {
-		return nil, err
-	}
-	ex, ok := conn.(driver.ExecerContext)
-	if !ok {
-		conn.Close()
-		return nil, errors.New("--tenant: the driver's connection cannot run a statement")
-	}
-	if _, err := ex.ExecContext(ctx, `SELECT set_config('`+pgstore.TenantSetting+`', $1, false)`,
-		[]driver.NamedValue{{Ordinal: 1, Value: c.tenant}}); err != nil {
-		conn.Close()
-		return nil, fmt.Errorf("--tenant: setting the tenant: %w", err)
-	}
-	return conn, nil
 }

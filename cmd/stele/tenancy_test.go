@@ -26,7 +26,7 @@ func TestTenancyEnableCLI(t *testing.T) {
 		t.Errorf("printed %q", out)
 	}
 	c.mustRun("tenancy", "enable", "--actor", "alice", "--table", "orders") // again: no change, no error
-	for _, table := range []string{"events", "streams", "snapshots", "projection_checkpoints", "projection_dead_letters", "orders"} {
+	for _, table := range []string{"events", "streams", "snapshots", "projection_checkpoints", "projection_dead_letters", "archived_events", "retired_streams", "orders"} {
 		var on, forced bool
 		if err := db.QueryRowContext(context.Background(), `SELECT relrowsecurity, relforcerowsecurity FROM pg_class WHERE oid = $1::regclass`,
 			`"`+c.schema+`".`+table).Scan(&on, &forced); err != nil {
@@ -110,4 +110,35 @@ func TestDLQPerTenant(t *testing.T) {
 	if err := db.GetContext(context.Background(), &n, `SELECT count(*) FROM "`+c.schema+`".projection_dead_letters`); err != nil || n != 2 {
 		t.Errorf("%d dead letters left (%v), want the other two tenants'", n, err)
 	}
+}
+
+// TestGovernanceCLIPerTenant: stele --tenant acme archive acts on acme's
+// stream and leaves globex's stream of the same id as it was.
+func TestGovernanceCLIPerTenant(t *testing.T) {
+	c, store := newCLI(t, "postgres")
+	for _, tenant := range []string{"acme", "globex"} {
+		s, err := store.ForTenant(tenant)
+		if err != nil {
+			t.Fatal(err)
+		}
+		appendEvents(t, s, "order-1", "OrderPlaced", "OrderPaid")
+		s.Close()
+	}
+	if out := c.mustRun("--tenant", "acme", "archive", "stream", "order-1", "--actor", "alice"); !strings.HasPrefix(out, "archived order-1: 2 events") {
+		t.Errorf("archive printed %q", out)
+	}
+	assertRows(t, c.mustRun("--tenant", "acme", "archive", "ls"), [][]string{
+		{"STREAM", "STATE", "VERSION", "EVENTS", "ARCHIVED_EVENTS", "RETIRED_AT"},
+		{"order-1", "archived", "2", "0", "2"},
+	})
+	assertRows(t, c.mustRun("--tenant", "globex", "archive", "ls"), [][]string{
+		{"STREAM", "STATE", "VERSION", "EVENTS", "ARCHIVED_EVENTS", "RETIRED_AT"},
+	})
+	assertRows(t, c.mustRun("--tenant", "globex", "streams", "ls"), [][]string{
+		{"STREAM", "CATEGORY", "VERSION", "UPDATED_AT"},
+		{"order-1", "order", "2"},
+	})
+	assertRows(t, c.mustRun("--tenant", "acme", "streams", "ls"), [][]string{
+		{"STREAM", "CATEGORY", "VERSION", "UPDATED_AT"},
+	})
 }

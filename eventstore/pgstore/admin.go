@@ -59,8 +59,11 @@ func Admin(ctx context.Context, db *sqlx.DB, schema string, a AdminAction, fn fu
 	}
 	defer tx.Rollback() //nolint:errcheck // a no-op after Commit
 	var id int64
+	// The tenant the transaction acts as, if any, is part of the detail.
 	if err := tx.QueryRowContext(ctx, `INSERT INTO `+quoteIdent(schema)+`.admin_audit (actor, action, target, detail)
-		VALUES ($1, $2, $3, $4) RETURNING id`, a.Actor, a.Action, a.Target, detail).Scan(&id); err != nil {
+		VALUES ($1, $2, $3, $4::jsonb || CASE WHEN coalesce(current_setting('`+TenantSetting+`', true), '') = '' THEN '{}'::jsonb
+		        ELSE jsonb_build_object('tenant', current_setting('`+TenantSetting+`', true)) END)
+		RETURNING id`, a.Actor, a.Action, a.Target, detail).Scan(&id); err != nil {
 		return 0, fmt.Errorf("pgstore: admin %s: recording the action: %w", a.Action, err)
 	}
 	if _, err := tx.ExecContext(ctx, `SELECT set_config('stele.admin_action', $1, true)`, strconv.FormatInt(id, 10)); err != nil {

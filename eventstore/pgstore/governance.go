@@ -146,19 +146,16 @@ func LookupStream(ctx context.Context, db sqlx.QueryerContext, schema, streamID 
 	if err := eventstore.ValidateStreamID(streamID); err != nil {
 		return StreamStatus{}, err
 	}
-	if err := refuseTenancy(ctx, db, schema); err != nil {
-		return StreamStatus{}, err
-	}
 	q := quoteIdent(schema)
 	st := StreamStatus{StreamID: streamID, Category: eventstore.Category(streamID), State: StreamAbsent}
 	var version, retiredVersion sql.NullInt64
 	var state sql.NullString
 	var retiredAt sql.NullTime
 	err := db.QueryRowxContext(ctx, `SELECT s.version, r.state, r.version, r.retired_at,
-			(SELECT count(*) FROM `+q+`.events e WHERE e.tenant_id = '' AND e.stream_id = s.stream_id),
-			(SELECT count(*) FROM `+q+`.archived_events a WHERE a.stream_id = s.stream_id)
-		FROM `+q+`.streams s LEFT JOIN `+q+`.retired_streams r ON r.stream_id = s.stream_id
-		WHERE s.tenant_id = '' AND s.stream_id = $1`, streamID).Scan(&version, &state, &retiredVersion, &retiredAt, &st.Events, &st.ArchivedEvents)
+			(SELECT count(*) FROM `+q+`.events e WHERE e.tenant_id = `+q+`.current_tenant() AND e.stream_id = s.stream_id),
+			(SELECT count(*) FROM `+q+`.archived_events a WHERE a.tenant_id = s.tenant_id AND a.stream_id = s.stream_id)
+		FROM `+q+`.streams s LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = s.tenant_id AND r.stream_id = s.stream_id
+		WHERE s.tenant_id = `+q+`.current_tenant() AND s.stream_id = $1`, streamID).Scan(&version, &state, &retiredVersion, &retiredAt, &st.Events, &st.ArchivedEvents)
 	if errors.Is(err, sql.ErrNoRows) {
 		return st, nil
 	}
@@ -179,20 +176,18 @@ func ListRetired(ctx context.Context, db sqlx.QueryerContext, schema, category s
 	if err := ValidateSchema(schema); err != nil {
 		return nil, err
 	}
-	if err := refuseTenancy(ctx, db, schema); err != nil {
-		return nil, err
-	}
 	if limit <= 0 {
 		limit = 1000
 	}
 	q := quoteIdent(schema)
 	rows, err := db.QueryContext(ctx, `
 		SELECT x.stream_id, coalesce(r.state, 'live'), coalesce(r.version, s.version, 0), r.retired_at,
-		       (SELECT count(*) FROM `+q+`.events e WHERE e.tenant_id = '' AND e.stream_id = x.stream_id),
-		       (SELECT count(*) FROM `+q+`.archived_events a WHERE a.stream_id = x.stream_id)
-		FROM (SELECT stream_id FROM `+q+`.retired_streams UNION SELECT DISTINCT stream_id FROM `+q+`.archived_events) x
-		LEFT JOIN `+q+`.retired_streams r ON r.stream_id = x.stream_id
-		LEFT JOIN `+q+`.streams s ON s.tenant_id = '' AND s.stream_id = x.stream_id
+		       (SELECT count(*) FROM `+q+`.events e WHERE e.tenant_id = `+q+`.current_tenant() AND e.stream_id = x.stream_id),
+		       (SELECT count(*) FROM `+q+`.archived_events a WHERE a.tenant_id = `+q+`.current_tenant() AND a.stream_id = x.stream_id)
+		FROM (SELECT stream_id FROM `+q+`.retired_streams WHERE tenant_id = `+q+`.current_tenant()
+		      UNION SELECT DISTINCT stream_id FROM `+q+`.archived_events WHERE tenant_id = `+q+`.current_tenant()) x
+		LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = `+q+`.current_tenant() AND r.stream_id = x.stream_id
+		LEFT JOIN `+q+`.streams s ON s.tenant_id = `+q+`.current_tenant() AND s.stream_id = x.stream_id
 		WHERE $1 = '' OR split_part(x.stream_id, '-', 1) = $1
 		ORDER BY x.stream_id LIMIT $2`, category, limit)
 	if err != nil {
@@ -254,7 +249,7 @@ const auditIDSQL = `current_setting('stele.admin_action')::bigint`
 // lockStream locks a stream's row for an admin action and checks it is as
 // planned.
 func lockStream(ctx context.Context, tx *sqlx.Tx, q string, st StreamStatus) (version int64, created time.Time, err error) {
-	err = tx.QueryRowContext(ctx, `SELECT version, created_at FROM `+q+`.streams WHERE tenant_id = '' AND stream_id = $1 FOR UPDATE`, st.StreamID).Scan(&version, &created)
+	err = tx.QueryRowContext(ctx, `SELECT version, created_at FROM `+q+`.streams WHERE tenant_id = `+q+`.current_tenant() AND stream_id = $1 FOR UPDATE`, st.StreamID).Scan(&version, &created)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, time.Time{}, fmt.Errorf("stream %q: %w", st.StreamID, errChanged)
 	}
@@ -312,7 +307,7 @@ func ArchiveStream(ctx context.Context, db *sqlx.DB, schema, actor, streamID str
 					return err
 				}
 				moved, err := execCount(ctx, tx, `WITH moved AS (
-					DELETE FROM `+q+`.events WHERE tenant_id = '' AND stream_id = $1 RETURNING `+eventCols+`)
+					DELETE FROM `+q+`.events WHERE tenant_id = `+q+`.current_tenant() AND stream_id = $1 RETURNING `+eventCols+`)
 					INSERT INTO `+q+`.archived_events (`+eventCols+`, archived_by)
 					SELECT `+eventCols+`, `+auditIDSQL+` FROM moved`, streamID)
 				if err != nil {
@@ -332,15 +327,15 @@ func ArchiveStream(ctx context.Context, db *sqlx.DB, schema, actor, streamID str
 func retire(ctx context.Context, tx *sqlx.Tx, q, streamID string, state StreamState, version int64, created time.Time) error {
 	if _, err := tx.ExecContext(ctx, `INSERT INTO `+q+`.retired_streams (stream_id, category, state, version, created_at, retired_by)
 		VALUES ($1, split_part($1, '-', 1), $2, $3, $4, `+auditIDSQL+`)
-		ON CONFLICT (stream_id) DO UPDATE SET state = EXCLUDED.state, retired_at = now(), retired_by = EXCLUDED.retired_by`,
+		ON CONFLICT (tenant_id, stream_id) DO UPDATE SET state = EXCLUDED.state, retired_at = now(), retired_by = EXCLUDED.retired_by`,
 		streamID, string(state), version, created); err != nil {
 		return err
 	}
-	if _, err := tx.ExecContext(ctx, `UPDATE `+q+`.streams SET version = 0, updated_at = now() WHERE tenant_id = '' AND stream_id = $1`, streamID); err != nil {
+	if _, err := tx.ExecContext(ctx, `UPDATE `+q+`.streams SET version = 0, updated_at = now() WHERE tenant_id = `+q+`.current_tenant() AND stream_id = $1`, streamID); err != nil {
 		return err
 	}
 	// Snapshots are a cache of the stream's state: they go with its events.
-	_, err := tx.ExecContext(ctx, `DELETE FROM `+q+`.snapshots WHERE tenant_id = '' AND stream_id = $1`, streamID)
+	_, err := tx.ExecContext(ctx, `DELETE FROM `+q+`.snapshots WHERE tenant_id = `+q+`.current_tenant() AND stream_id = $1`, streamID)
 	return err
 }
 
@@ -389,7 +384,7 @@ func RestoreArchivedStream(ctx context.Context, db *sqlx.DB, schema, actor, stre
 					return err
 				}
 				moved, err := execCount(ctx, tx, `WITH moved AS (
-					DELETE FROM `+q+`.archived_events WHERE stream_id = $1 RETURNING `+eventCols+`)
+					DELETE FROM `+q+`.archived_events WHERE tenant_id = `+q+`.current_tenant() AND stream_id = $1 RETURNING `+eventCols+`)
 					INSERT INTO `+q+`.events (`+eventCols+`) OVERRIDING SYSTEM VALUE
 					SELECT `+eventCols+` FROM moved`, streamID)
 				if err != nil {
@@ -401,10 +396,10 @@ func RestoreArchivedStream(ctx context.Context, db *sqlx.DB, schema, actor, stre
 				if st.State != StreamArchived {
 					return nil
 				}
-				if _, err := tx.ExecContext(ctx, `DELETE FROM `+q+`.retired_streams WHERE stream_id = $1`, streamID); err != nil {
+				if _, err := tx.ExecContext(ctx, `DELETE FROM `+q+`.retired_streams WHERE tenant_id = `+q+`.current_tenant() AND stream_id = $1`, streamID); err != nil {
 					return err
 				}
-				_, err = tx.ExecContext(ctx, `UPDATE `+q+`.streams SET version = $2, updated_at = now() WHERE tenant_id = '' AND stream_id = $1`, streamID, int64(st.Version))
+				_, err = tx.ExecContext(ctx, `UPDATE `+q+`.streams SET version = $2, updated_at = now() WHERE tenant_id = `+q+`.current_tenant() AND stream_id = $1`, streamID, int64(st.Version))
 				return err
 			})
 		return res, err
@@ -467,11 +462,11 @@ func TombstoneStream(ctx context.Context, db *sqlx.DB, schema, actor, streamID s
 						return fmt.Errorf("its hash chain cannot be completed (%s); run stele verify", b.skipped[0].Detail)
 					}
 				}
-				n, err := execCount(ctx, tx, `DELETE FROM `+q+`.events WHERE tenant_id = '' AND stream_id = $1`, streamID)
+				n, err := execCount(ctx, tx, `DELETE FROM `+q+`.events WHERE tenant_id = `+q+`.current_tenant() AND stream_id = $1`, streamID)
 				if err != nil {
 					return err
 				}
-				a, err := execCount(ctx, tx, `DELETE FROM `+q+`.archived_events WHERE stream_id = $1`, streamID)
+				a, err := execCount(ctx, tx, `DELETE FROM `+q+`.archived_events WHERE tenant_id = `+q+`.current_tenant() AND stream_id = $1`, streamID)
 				if err != nil {
 					return err
 				}
@@ -556,9 +551,6 @@ func PlanRetention(ctx context.Context, db sqlx.QueryerContext, schema string, p
 	if err := p.validate(); err != nil {
 		return RetentionResult{}, err
 	}
-	if err := refuseTenancy(ctx, db, schema); err != nil {
-		return RetentionResult{}, err
-	}
 	q := quoteIdent(schema)
 	res := RetentionResult{Policy: p}
 	var olderThan any // NULL: no age limit
@@ -571,13 +563,13 @@ func PlanRetention(ctx context.Context, db sqlx.QueryerContext, schema string, p
 	rows, err := db.QueryContext(ctx, `
 		WITH cut AS (
 		  SELECT e.stream_id, max(e.version) AS upto
-		  FROM `+q+`.events e JOIN `+q+`.streams s ON s.tenant_id = '' AND s.stream_id = e.stream_id
-		  WHERE e.tenant_id = '' AND e.category = $1
+		  FROM `+q+`.events e JOIN `+q+`.streams s ON s.tenant_id = `+q+`.current_tenant() AND s.stream_id = e.stream_id
+		  WHERE e.tenant_id = `+q+`.current_tenant() AND e.category = $1
 		    AND (($2::bigint > 0 AND e.version <= s.version - $2::bigint)
 		         OR ($3::timestamptz IS NOT NULL AND e.recorded_at < $3::timestamptz))
 		  GROUP BY e.stream_id)
 		SELECT c.stream_id, c.upto,
-		       (SELECT count(*) FROM `+q+`.events x WHERE x.tenant_id = '' AND x.stream_id = c.stream_id AND x.version <= c.upto)
+		       (SELECT count(*) FROM `+q+`.events x WHERE x.tenant_id = `+q+`.current_tenant() AND x.stream_id = c.stream_id AND x.version <= c.upto)
 		FROM cut c ORDER BY c.stream_id`, p.Category, p.MaxCount, olderThan)
 	if err != nil {
 		return RetentionResult{}, fmt.Errorf("pgstore: planning retention of %q: %w", p.Category, err)
@@ -629,7 +621,7 @@ func ApplyRetention(ctx context.Context, db *sqlx.DB, schema, actor string, p Re
 			func(tx *sqlx.Tx) error {
 				moved, err := execCount(ctx, tx, `WITH moved AS (
 					DELETE FROM `+q+`.events e USING unnest($1::text[], $2::bigint[]) AS c(sid, upto)
-					WHERE e.tenant_id = '' AND e.stream_id = c.sid AND e.version <= c.upto
+					WHERE e.tenant_id = `+q+`.current_tenant() AND e.stream_id = c.sid AND e.version <= c.upto
 					RETURNING `+prefixed("e.", eventCols)+`)
 					INSERT INTO `+q+`.archived_events (`+eventCols+`, archived_by)
 					SELECT `+eventCols+`, `+auditIDSQL+` FROM moved`, pq.StringArray(ids), pq.Int64Array(upTo))

@@ -3,11 +3,13 @@ package pgstore
 import (
 	"context"
 	"database/sql"
+	"database/sql/driver"
 	"errors"
 	"fmt"
 	"regexp"
 
 	"github.com/jmoiron/sqlx"
+	"github.com/lib/pq"
 )
 
 // Tenancy. Every stream, event, snapshot, projection checkpoint and
@@ -108,13 +110,13 @@ func (s *Store) within(ctx context.Context, fn func(q Tx) error) error {
 }
 
 // tenantTables are the stele tables that carry a tenant_id column.
-var tenantTables = []string{"streams", "events", "snapshots", "projection_checkpoints", "projection_dead_letters"}
+var tenantTables = []string{"streams", "events", "snapshots", "projection_checkpoints", "projection_dead_letters",
+	"archived_events", "retired_streams"}
 
 // ErrTenancyEnabled is returned by the operations that do not yet work per
-// tenant (archive, retention, tombstone, hash-chain seal and verify) on a
-// schema where EnableTenancy has turned row-level security on, or that
-// holds streams of a tenant.
-var ErrTenancyEnabled = errors.New("pgstore: this operation does not yet work per tenant, and the schema holds tenants' streams or has row-level security on")
+// tenant (the hash chain's Seal and Verify) on a schema where EnableTenancy
+// has turned row-level security on, or that holds streams of a tenant.
+var ErrTenancyEnabled = errors.New("pgstore: seal and verify do not work per tenant yet, and the schema holds tenants' streams or has row-level security on")
 
 // EnableTenancy turns on row-level security, FORCEd so that the tables'
 // owner is held to it as well, on every stele table that carries a tenant
@@ -213,4 +215,64 @@ func refuseTenancy(ctx context.Context, q sqlx.QueryerContext, schema string) er
 		return ErrTenancyEnabled
 	}
 	return nil
+}
+
+// OpenForTenant opens a database (driver "postgres", lib/pq, or "pgx")
+// whose every connection sets stele.tenant for its whole session. Use it
+// for administration as a tenant: the governance operations (ArchiveStream,
+// RestoreArchivedStream, TombstoneStream, PlanRetention, ApplyRetention,
+// LookupStream, ListRetired) act on the tenant their transaction has set.
+// Never use it for a pool shared by several tenants' work; bind stores with
+// ForTenant instead.
+func OpenForTenant(driverName, dsn, tenant string) (*sqlx.DB, error) {
+	if err := ValidateTenant(tenant); err != nil {
+		return nil, err
+	}
+	var c driver.Connector
+	switch driverName {
+	case "postgres":
+		pc, err := pq.NewConnector(dsn)
+		if err != nil {
+			return nil, err
+		}
+		c = pc
+	default:
+		db, err := sql.Open(driverName, dsn)
+		if err != nil {
+			return nil, err
+		}
+		defer db.Close()
+		dc, ok := db.Driver().(driver.DriverContext)
+		if !ok {
+			return nil, fmt.Errorf("pgstore: driver %s cannot open a connector", driverName)
+		}
+		if c, err = dc.OpenConnector(dsn); err != nil {
+			return nil, err
+		}
+	}
+	return sqlx.NewDb(sql.OpenDB(tenantConnector{Connector: c, tenant: tenant}), driverName), nil
+}
+
+// tenantConnector sets stele.tenant on each new connection.
+type tenantConnector struct {
+	driver.Connector
+	tenant string
+}
+
+func (c tenantConnector) Connect(ctx context.Context) (driver.Conn, error) {
+	conn, err := c.Connector.Connect(ctx)
+	if err != nil {
+		return nil, err
+	}
+	ex, ok := conn.(driver.ExecerContext)
+	if !ok {
+		conn.Close()
+		return nil, errors.New("pgstore: the driver's connection cannot run a statement")
+	}
+	if _, err := ex.ExecContext(ctx, `SELECT set_config('`+TenantSetting+`', $1, false)`,
+		[]driver.NamedValue{{Ordinal: 1, Value: c.tenant}}); err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("pgstore: setting tenant %q: %w", c.tenant, err)
+	}
+	return conn, nil
 }

@@ -2,7 +2,9 @@ package pgstore_test
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"regexp"
 	"strings"
@@ -265,8 +267,8 @@ func TestTenantReadModel(t *testing.T) {
 }
 
 // TestTenantBadInput: an invalid tenant id is a *TenantError before anything
-// is written, and governance that names streams by id alone refuses a schema
-// with tenants rather than act on several tenants' streams at once.
+// is written; governance acts on its own tenant's streams only, and the hash
+// chain refuses a schema with tenants.
 func TestTenantBadInput(t *testing.T) {
 	db := testdb.Open(t, "postgres")
 	ctx := context.Background()
@@ -292,8 +294,9 @@ func TestTenantBadInput(t *testing.T) {
 	if _, err := acme.Append(ctx, "order-2", eventstore.NoStream, eventstoretest.Evs("placed", 1)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := pgstore.ArchiveStream(ctx, db, s.Schema(), "test", "order-2"); !errors.Is(err, pgstore.ErrTenancyEnabled) {
-		t.Errorf("archive in a schema with tenants: err = %v, want ErrTenancyEnabled", err)
+	// Governance as tenant '' does not see acme's order-2.
+	if _, err := pgstore.ArchiveStream(ctx, db, s.Schema(), "test", "order-2"); !errors.Is(err, pgstore.ErrStreamNotFound) {
+		t.Errorf("archive of acme's stream as tenant '': err = %v, want ErrStreamNotFound", err)
 	}
 	if _, err := pgstore.Seal(ctx, db, s.Schema()); !errors.Is(err, pgstore.ErrTenancyEnabled) {
 		t.Errorf("seal in a schema with tenants: err = %v, want ErrTenancyEnabled", err)
@@ -425,4 +428,116 @@ func diffLines(a, b string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// TestTenantGovernance: archive, restore, retention and tombstone as a
+// tenant (the owner role, row-level security on, the tenant set on each
+// connection) act on that tenant's streams only. Another tenant's streams
+// of the same ids stay byte for byte and keep taking appends; each action is
+// audited with its tenant.
+func TestTenantGovernance(t *testing.T) {
+	ctx := context.Background()
+	db := testdb.Open(t, "postgres")
+	tn := tenanttest.New(t, db)
+	tn.Enable(t)
+	acme, globex := tn.Tenant(t, "acme"), tn.Tenant(t, "globex")
+	streams := []string{"order-1", "order-2", "log-0", "log-1", "log-2"}
+	for _, s := range []*pgstore.Store{acme, globex} {
+		for _, id := range streams {
+			n := 2
+			if strings.HasPrefix(id, "log-") {
+				n = 4
+			}
+			if _, err := s.Append(ctx, id, eventstore.NoStream, eventstoretest.Evs(s.Tenant(), n)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	globexBefore := map[string][]eventstore.Event{}
+	for _, id := range streams {
+		globexBefore[id] = must(eventstore.LoadStream(ctx, globex, id))
+	}
+	gov := tn.OwnerAs(t, "acme")
+
+	arch, err := pgstore.ArchiveStream(ctx, gov, tn.Schema, "alice", "order-1")
+	if err != nil || arch.Events != 2 {
+		t.Fatalf("archive acme's order-1: %+v, %v", arch, err)
+	}
+	ret, err := pgstore.ApplyRetention(ctx, gov, tn.Schema, "bob", pgstore.RetentionPolicy{Category: "log", MaxCount: 1})
+	if err != nil || ret.Streams != 3 || ret.Events != 9 {
+		t.Fatalf("retention on acme's log: %+v, %v", ret, err)
+	}
+	tomb, err := pgstore.TombstoneStream(ctx, gov, tn.Schema, "carol", "order-2")
+	if err != nil || tomb.Events != 2 {
+		t.Fatalf("tombstone acme's order-2: %+v, %v", tomb, err)
+	}
+
+	// acme sees the effects.
+	if evs := must(eventstore.LoadStream(ctx, acme, "order-1")); len(evs) != 0 {
+		t.Errorf("acme's archived order-1 still reads %d events", len(evs))
+	}
+	if _, err := acme.Append(ctx, "order-1", eventstore.Any, eventstoretest.Evs("late", 1)); err == nil {
+		t.Error("acme appended to its archived order-1")
+	}
+	for i := range 3 {
+		if evs := must(eventstore.LoadStream(ctx, acme, fmt.Sprintf("log-%d", i))); len(evs) != 1 {
+			t.Errorf("acme's log-%d keeps %d events after MaxCount 1", i, len(evs))
+		}
+	}
+	// Retired streams, and streams with archived events (retention).
+	retired := map[string]pgstore.StreamStatus{}
+	for _, st := range must(pgstore.ListRetired(ctx, gov, tn.Schema, "", 0)) {
+		retired[st.StreamID] = st
+	}
+	if len(retired) != 5 || retired["order-1"].State != pgstore.StreamArchived || retired["order-1"].ArchivedEvents != 2 ||
+		retired["order-2"].State != pgstore.StreamTombstoned || retired["log-1"].ArchivedEvents != 3 || retired["log-1"].Events != 1 {
+		t.Errorf("acme's retired streams: %+v", retired)
+	}
+	// globex's streams of the same ids are untouched and still take appends.
+	for _, id := range streams {
+		sameEvents(t, "globex's "+id, must(eventstore.LoadStream(ctx, globex, id)), globexBefore[id])
+	}
+	for _, id := range []string{"order-1", "order-2"} {
+		if _, err := globex.Append(ctx, id, eventstore.Exact(2), eventstoretest.Evs("globex", 1)); err != nil {
+			t.Errorf("globex appending to its own %s after acme retired its %s: %v", id, id, err)
+		}
+	}
+	if got := must(pgstore.ListRetired(ctx, tn.OwnerAs(t, "globex"), tn.Schema, "", 0)); len(got) != 0 {
+		t.Errorf("globex's retired streams: %+v, want none", got)
+	}
+	// As globex, acme's archived order-1 is not there to restore.
+	if _, err := pgstore.RestoreArchivedStream(ctx, tn.OwnerAs(t, "globex"), tn.Schema, "mallory", "order-1"); err == nil {
+		t.Error("globex restored acme's archived order-1")
+	}
+	res, err := pgstore.RestoreArchivedStream(ctx, gov, tn.Schema, "alice", "order-1")
+	if err != nil || res.Events != 2 {
+		t.Fatalf("restore acme's order-1: %+v, %v", res, err)
+	}
+	if evs := must(eventstore.LoadStream(ctx, acme, "order-1")); len(evs) != 2 {
+		t.Errorf("acme's restored order-1 reads %d events, want 2", len(evs))
+	}
+
+	// The audit trail names the tenant of each action.
+	trail := must(pgstore.Audit(ctx, tn.Owner, tn.Schema, 10))
+	tenants := map[string]string{}
+	for _, e := range trail {
+		var d struct{ Tenant string }
+		_ = json.Unmarshal(e.Detail, &d)
+		tenants[e.Action] = d.Tenant
+	}
+	for _, action := range []string{"archive", "retention", "tombstone", "unarchive"} {
+		if tenants[action] != "acme" {
+			t.Errorf("audit row of %s names tenant %q, want acme (%v)", action, tenants[action], tenants)
+		}
+	}
+	if _, err := pgstore.Seal(ctx, tn.Owner, tn.Schema); !errors.Is(err, pgstore.ErrTenancyEnabled) {
+		t.Errorf("seal in a schema with tenants: %v, want ErrTenancyEnabled", err)
+	}
+}
+
+func must[T any](v T, err error) T {
+	if err != nil {
+		panic(err)
+	}
+	return v
 }

@@ -78,3 +78,15 @@ func (tn Tenancy) Tenant(t *testing.T, id string) *pgstore.Store {
 	t.Cleanup(func() { _ = s.Close() })
 	return s
 }
+
+// OwnerAs returns a pool of the owner role whose connections act as tenant
+// (pgstore.OpenForTenant): for governance as that tenant.
+func (tn Tenancy) OwnerAs(t *testing.T, tenant string) *sqlx.DB {
+	t.Helper()
+	db, err := pgstore.OpenForTenant(tn.Owner.DriverName(), testdb.DSNAs(t, tn.Schema+"_owner"), tenant)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = db.Close() })
+	return db
+}

@@ -138,16 +138,22 @@ func Role(t testing.TB, db *sqlx.DB, name string, setup ...string) *sqlx.DB {
 		}
 	})
 	Exec(t, db, setup...)
-	u, err := url.Parse(DSN())
-	if err != nil {
-		t.Fatalf("STELE_TEST_DSN %q: want a postgres:// URL to log in as another role: %v", DSN(), err)
-	}
-	u.User = url.User(name)
-	rdb, err := sqlx.Open(db.DriverName(), u.String())
+	rdb, err := sqlx.Open(db.DriverName(), DSNAs(t, name))
 	if err != nil {
 		t.Fatal(err)
 	}
 	rdb.SetMaxOpenConns(8)
 	t.Cleanup(func() { _ = rdb.Close() }) // runs before the role is dropped
 	return rdb
+}
+
+// DSNAs is DSN logged in as role.
+func DSNAs(t testing.TB, role string) string {
+	t.Helper()
+	u, err := url.Parse(DSN())
+	if err != nil {
+		t.Fatalf("STELE_TEST_DSN %q: want a postgres:// URL to log in as another role: %v", DSN(), err)
+	}
+	u.User = url.User(role)
+	return u.String()
 }

@@ -253,18 +253,29 @@ BEGIN
      LIMIT 1;
 END $$;
 
--- Retired streams (0007) are tenant ''s: governance refuses schemas with
--- tenants. A tenant's stream is never refused for a retired stream id of
--- tenant ''.
+-- Governance per tenant: archived events and retired streams carry their
+-- tenant too, and the admin functions act on the tenant the transaction set
+-- (current_tenant()). The hash chain (seal, verify) stays tenant ''s.
+CREATE FUNCTION {{schema}}.current_tenant() RETURNS text LANGUAGE sql STABLE
+  AS $$ SELECT coalesce(current_setting('stele.tenant', true), '') $$;
+
+ALTER TABLE {{schema}}.archived_events ADD COLUMN tenant_id text NOT NULL DEFAULT '';
+ALTER TABLE {{schema}}.retired_streams ADD COLUMN tenant_id text NOT NULL DEFAULT '';
+ALTER TABLE {{schema}}.archived_events ALTER COLUMN tenant_id SET DEFAULT coalesce(current_setting('stele.tenant', true), '');
+ALTER TABLE {{schema}}.retired_streams ALTER COLUMN tenant_id SET DEFAULT coalesce(current_setting('stele.tenant', true), '');
+ALTER TABLE {{schema}}.archived_events DROP CONSTRAINT archived_events_pkey, ADD PRIMARY KEY (tenant_id, stream_id, version);
+DROP INDEX {{schema}}.archived_events_category;
+CREATE INDEX archived_events_category ON {{schema}}.archived_events (tenant_id, category, stream_id);
+ALTER TABLE {{schema}}.retired_streams DROP CONSTRAINT retired_streams_pkey, ADD PRIMARY KEY (tenant_id, stream_id);
+
+-- An append to a retired stream is refused within the stream's tenant.
 CREATE OR REPLACE FUNCTION {{schema}}.refuse_retired_stream() RETURNS trigger LANGUAGE plpgsql
   SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
   v_state text;
 BEGIN
-  IF NEW.tenant_id <> '' THEN
-    RETURN NEW;
-  END IF;
-  SELECT r.state INTO v_state FROM {{schema}}.retired_streams r WHERE r.stream_id = NEW.stream_id;
+  SELECT r.state INTO v_state FROM {{schema}}.retired_streams r
+   WHERE r.tenant_id = NEW.tenant_id AND r.stream_id = NEW.stream_id;
   IF v_state = 'archived' THEN
     RAISE EXCEPTION 'stele: stream % is archived; restore it (stele archive restore) before appending', quote_literal(NEW.stream_id)
       USING ERRCODE = 'SE701', DETAIL = NEW.stream_id;
