@@ -66,12 +66,7 @@ func (s *Store) Append(ctx context.Context, streamID string, expected eventstore
 		}
 	}
 	if errors.Is(r.err, errCheckStored) {
-		var res eventstore.AppendResult
-		err := s.within(ctx, func(q Tx) error {
-			res, err = s.checkStored(ctx, q, r)
-			return err
-		})
-		return res, err
+		return s.checkStored(ctx, pool{s.db}, r)
 	}
 	return r.res, r.err
 }
@@ -283,7 +278,7 @@ func (s *Store) checkStored(ctx context.Context, q Tx, r *request) (eventstore.A
 	for i, e := range r.events {
 		ids[i] = e.ID.String()
 	}
-	rows, err := q.QueryContext(ctx, s.stmts.text[stmtStoredByID], pq.StringArray(ids), s.tenant)
+	rows, err := q.QueryContext(ctx, s.stmts.text[s.form(stmtStoredByID)], pq.StringArray(ids), s.tenant)
 	if err != nil {
 		return eventstore.AppendResult{}, fmt.Errorf("pgstore: checking stored events of %q: %w", r.streamID, err)
 	}
@@ -312,22 +307,16 @@ func isUniqueViolation(err error) bool {
 // the retry finds it), or another tenant holds it, where row-level security
 // hides it and no retry can succeed.
 func (s *Store) idsOfOtherTenant(ctx context.Context, r *request, err error) error {
-	var visible bool
 	ids := make([]string, len(r.events))
 	for i, e := range r.events {
 		ids[i] = e.ID.String()
 	}
-	qerr := s.within(ctx, func(q Tx) error {
-		rows, err := q.QueryContext(ctx, `SELECT 1 FROM `+s.schema+`.events WHERE event_id = ANY ($1::uuid[]) AND tenant_id = $2 LIMIT 1`,
-			pq.StringArray(ids), s.tenant)
-		if err != nil {
-			return err
-		}
-		defer rows.Close()
-		visible = rows.Next()
-		return rows.Err()
-	})
-	if qerr != nil || visible {
+	rows, qerr := s.db.QueryContext(ctx, s.stmts.text[s.form(stmtStoredByID)], pq.StringArray(ids), s.tenant)
+	if qerr != nil {
+		return err
+	}
+	visible, qerr := scanEvents(rows, len(ids))
+	if qerr != nil || len(visible) > 0 {
 		return err
 	}
 	return fmt.Errorf("%w: appending to %q: an event id of this append is already stored outside tenant %q",

@@ -16,6 +16,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
@@ -183,6 +184,10 @@ const (
 	stmtHead            = "head"
 	stmtListStreams     = "listStreams"
 	stmtListCategory    = "listStreamsCategory"
+
+	// tenantForm suffixes the name of a read statement's form for a store
+	// bound to a tenant (statements.init).
+	tenantForm = ".tenant"
 )
 
 // eventColumns are read from the events table aliased e. The transaction id
@@ -223,6 +228,20 @@ func (st *statements) init(schema string) {
 		stmtListCategory: `SELECT stream_id, category, version, created_at, updated_at FROM ` + schema + `.streams
 			WHERE tenant_id = $4 AND category = $3 AND stream_id > $1 AND version > 0 ORDER BY tenant_id, category, stream_id LIMIT $2`,
 	}
+	// A store bound to a tenant reads through forms of these statements that
+	// set the tenant themselves, for the statement's own transaction (SET
+	// LOCAL), so a read stays one round trip: a one-row subquery sets it,
+	// and the query, made LATERAL and taking the tenant from that row, can
+	// only run after it. Row-level security, when on, reads the setting
+	// inside the query. The number is the tenant's parameter.
+	for name, param := range map[string]string{
+		stmtStoredByID: "$2", stmtReadFwd: "$4", stmtReadBwd: "$4", stmtVersion: "$2", stmtHead: "$1",
+		stmtReadAll: "$4", stmtReadAllSince: "$5", stmtReadAllCategory: "$5", stmtReadAllCatSince: "$6",
+		stmtListStreams: "$3", stmtListCategory: "$4",
+	} {
+		st.text[name+tenantForm] = `SELECT x.* FROM (SELECT set_config('` + TenantSetting + `', ` + param + `::text, true) AS tenant) t,
+			LATERAL (` + strings.ReplaceAll(st.text[name], param, "t.tenant") + `) x`
+	}
 	st.prepared = make(map[string]*sql.Stmt)
 }
 
@@ -257,20 +276,29 @@ func (st *statements) close() error {
 // queryEvents runs the events statement name with args (the tenant is added
 // as the last) and scans the rows.
 func (s *Store) queryEvents(ctx context.Context, name string, sizeHint int, args ...any) ([]eventstore.Event, error) {
-	p, err := s.stmt(ctx, name)
+	p, err := s.readStmt(ctx, name)
 	if err != nil {
 		return nil, err
 	}
-	var events []eventstore.Event
-	err = s.within(ctx, func(q Tx) error {
-		rows, err := q.StmtContext(ctx, p).QueryContext(ctx, append(args, s.tenant)...)
-		if err != nil {
-			return err
-		}
-		events, err = scanEvents(rows, sizeHint)
-		return err
-	})
-	return events, err
+	rows, err := p.QueryContext(ctx, append(args, s.tenant)...)
+	if err != nil {
+		return nil, err
+	}
+	return scanEvents(rows, sizeHint)
+}
+
+// readStmt returns the prepared read statement name in this store's form:
+// for a store bound to a tenant, the form that sets the tenant itself.
+func (s *Store) readStmt(ctx context.Context, name string) (*sql.Stmt, error) {
+	return s.stmt(ctx, s.form(name))
+}
+
+// form names the form of read statement name this store uses.
+func (s *Store) form(name string) string {
+	if s.tenant != "" {
+		return name + tenantForm
+	}
+	return name
 }
 
 func pageLimit(n int) int {
@@ -320,14 +348,12 @@ func (s *Store) StreamVersion(ctx context.Context, streamID string) (eventstore.
 	if err := eventstore.ValidateStreamID(streamID); err != nil {
 		return 0, err
 	}
-	p, err := s.stmt(ctx, stmtVersion)
+	p, err := s.readStmt(ctx, stmtVersion)
 	if err != nil {
 		return 0, fmt.Errorf("pgstore: reading version of %q: %w", streamID, err)
 	}
 	var v int64
-	err = s.within(ctx, func(q Tx) error {
-		return q.StmtContext(ctx, p).QueryRowContext(ctx, streamID, s.tenant).Scan(&v)
-	})
+	err = p.QueryRowContext(ctx, streamID, s.tenant).Scan(&v)
 	if errors.Is(err, sql.ErrNoRows) {
 		return 0, nil
 	}
@@ -361,15 +387,13 @@ func (s *Store) ReadAll(ctx context.Context, opts eventstore.ReadAllOpts) ([]eve
 
 // Head returns the position of the last event the feed shows now.
 func (s *Store) Head(ctx context.Context) (eventstore.Position, error) {
-	p, err := s.stmt(ctx, stmtHead)
+	p, err := s.readStmt(ctx, stmtHead)
 	if err != nil {
 		return eventstore.Position{}, fmt.Errorf("pgstore: reading the feed's head: %w", err)
 	}
 	var xid string
 	var pos eventstore.Position
-	err = s.within(ctx, func(q Tx) error {
-		return q.StmtContext(ctx, p).QueryRowContext(ctx, s.tenant).Scan(&xid, &pos.GlobalPosition)
-	})
+	err = p.QueryRowContext(ctx, s.tenant).Scan(&xid, &pos.GlobalPosition)
 	if errors.Is(err, sql.ErrNoRows) {
 		return eventstore.Start, nil
 	}
@@ -389,30 +413,26 @@ func (s *Store) ListStreams(ctx context.Context, opts eventstore.ListStreamsOpts
 	if opts.Category != "" {
 		name, args = stmtListCategory, []any{opts.After, limit, opts.Category, s.tenant}
 	}
-	p, err := s.stmt(ctx, name)
+	p, err := s.readStmt(ctx, name)
 	if err != nil {
 		return nil, fmt.Errorf("pgstore: listing streams: %w", err)
 	}
-	var out []eventstore.StreamInfo
-	err = s.within(ctx, func(q Tx) error {
-		out = out[:0]
-		rows, err := q.StmtContext(ctx, p).QueryContext(ctx, args...)
-		if err != nil {
-			return err
-		}
-		defer rows.Close()
-		for rows.Next() {
-			var si eventstore.StreamInfo
-			var v int64
-			if err := rows.Scan(&si.StreamID, &si.Category, &v, &si.CreatedAt, &si.UpdatedAt); err != nil {
-				return err
-			}
-			si.Version = eventstore.Version(v)
-			out = append(out, si)
-		}
-		return rows.Err()
-	})
+	rows, err := p.QueryContext(ctx, args...)
 	if err != nil {
+		return nil, fmt.Errorf("pgstore: listing streams: %w", err)
+	}
+	defer rows.Close()
+	var out []eventstore.StreamInfo
+	for rows.Next() {
+		var si eventstore.StreamInfo
+		var v int64
+		if err := rows.Scan(&si.StreamID, &si.Category, &v, &si.CreatedAt, &si.UpdatedAt); err != nil {
+			return nil, fmt.Errorf("pgstore: listing streams: %w", err)
+		}
+		si.Version = eventstore.Version(v)
+		out = append(out, si)
+	}
+	if err := rows.Err(); err != nil {
 		return nil, fmt.Errorf("pgstore: listing streams: %w", err)
 	}
 	return out, nil

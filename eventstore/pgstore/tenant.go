@@ -15,9 +15,9 @@ import (
 // Tenancy. Every stream, event, snapshot, projection checkpoint and
 // projection dead letter carries a tenant id; the store New returns is
 // bound to none (tenant ""), and ForTenant returns one bound to a tenant.
-// Every statement a bound store runs is in a transaction that first sets
-// stele.tenant with SET LOCAL semantics (set_config(..., true)), and names
-// the tenant in its WHERE clause. EnableTenancy turns on row-level security,
+// Every statement a bound store runs sets stele.tenant first, for its own
+// transaction (set_config(..., true), SET LOCAL semantics), and names the
+// tenant in its WHERE clause. EnableTenancy turns on row-level security,
 // so PostgreSQL itself, not only this package, keeps tenants apart.
 
 // TenantSetting is the PostgreSQL setting that holds the tenant of the
@@ -82,32 +82,10 @@ func SetTenant(ctx context.Context, tx interface {
 	return nil
 }
 
-// pool runs statements on the database directly: what a store bound to no
-// tenant uses instead of a transaction.
+// pool runs statements on the database directly, where a Tx is expected.
 type pool struct{ *sqlx.DB }
 
 func (pool) StmtContext(_ context.Context, st *sql.Stmt) *sql.Stmt { return st }
-
-// within runs fn on the pool or, for a store bound to a tenant, in a
-// transaction that has set the tenant first.
-func (s *Store) within(ctx context.Context, fn func(q Tx) error) error {
-	if s.tenant == "" {
-		return fn(pool{s.db})
-	}
-	tx, err := s.db.BeginTx(ctx, nil)
-	if err != nil {
-		return err
-	}
-	if err := SetTenant(ctx, tx, s.tenant); err != nil {
-		tx.Rollback() //nolint:errcheck // the error that matters is err
-		return err
-	}
-	if err := fn(tx); err != nil {
-		tx.Rollback() //nolint:errcheck
-		return err
-	}
-	return tx.Commit()
-}
 
 // tenantTables are the stele tables that carry a tenant_id column.
 var tenantTables = []string{"streams", "events", "snapshots", "projection_checkpoints", "projection_dead_letters",
