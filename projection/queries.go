@@ -178,12 +178,18 @@ var ErrNoDeadLetter = errors.New("no such dead letter")
 // RetryDeadLetter reads the parked event from store and hands it to handler
 // (a Handler or a TxHandler) once more; on success the dead letter is removed
 // (in the handler's transaction for a TxHandler). On failure it stays.
+// With a store bound to a tenant (pgstore.Store.ForTenant), the dead letter
+// is that tenant's, and the handler's transaction is the tenant's.
 func RetryDeadLetter(ctx context.Context, store eventstore.Store, db *sqlx.DB, schema string, id int64, handler any) error {
 	q, err := newQueries(schema)
 	if err != nil {
 		return err
 	}
-	return retryDeadLetter(ctx, q, store, db, "", id, handler)
+	tenant := ""
+	if ts, ok := store.(interface{ Tenant() string }); ok {
+		tenant = ts.Tenant()
+	}
+	return retryDeadLetter(ctx, q, store, db, tenant, id, handler)
 }
 
 func retryDeadLetter(ctx context.Context, q queries, store eventstore.Store, db *sqlx.DB, tenant string, id int64, handler any) error {

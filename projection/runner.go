@@ -290,7 +290,9 @@ func (r *Runner) acquireLease(ctx context.Context) (*sqlx.Conn, error) {
 		err = conn.GetContext(ctx, &got, `SELECT pg_try_advisory_lock(hashtextextended($1, 0))`, r.leaseKey())
 		if err == nil && got && r.cfg.Tenant != "" {
 			// Session-wide on this connection, which the runner alone
-			// uses; releaseLease resets it.
+			// uses; releaseLease discards the connection rather than hand
+			// the setting back to the pool (RESET would not restore a
+			// tenant the pool itself set, as pgstore.OpenForTenant does).
 			_, err = conn.ExecContext(ctx, `SELECT set_config('`+pgstore.TenantSetting+`', $1, false)`, r.cfg.Tenant)
 			if err != nil {
 				conn.Raw(func(any) error { return driver.ErrBadConn }) //nolint:errcheck // drops the session and its lock
@@ -318,8 +320,10 @@ func (r *Runner) releaseLease(ctx context.Context, conn *sqlx.Conn) {
 	defer cancel()
 	var unlocked bool
 	err := conn.GetContext(ctx, &unlocked, `SELECT pg_advisory_unlock(hashtextextended($1, 0))`, r.leaseKey())
-	if err == nil && r.cfg.Tenant != "" {
-		_, err = conn.ExecContext(ctx, `RESET `+pgstore.TenantSetting)
+	if err == nil && unlocked && r.cfg.Tenant != "" {
+		conn.Raw(func(any) error { return driver.ErrBadConn }) //nolint:errcheck // the session's tenant goes with it
+		conn.Close()
+		return
 	}
 	if err != nil || !unlocked {
 		// Do not hand a session that may still hold the lock back to the

@@ -61,8 +61,8 @@ func Admin(ctx context.Context, db *sqlx.DB, schema string, a AdminAction, fn fu
 	var id int64
 	// The tenant the transaction acts as, if any, is part of the detail.
 	if err := tx.QueryRowContext(ctx, `INSERT INTO `+quoteIdent(schema)+`.admin_audit (actor, action, target, detail)
-		VALUES ($1, $2, $3, $4::jsonb || CASE WHEN coalesce(current_setting('`+TenantSetting+`', true), '') = '' THEN '{}'::jsonb
-		        ELSE jsonb_build_object('tenant', current_setting('`+TenantSetting+`', true)) END)
+		VALUES ($1, $2, $3, CASE WHEN coalesce(current_setting('`+TenantSetting+`', true), '') = '' OR jsonb_typeof($4::jsonb) <> 'object'
+		        THEN $4::jsonb ELSE $4::jsonb || jsonb_build_object('tenant', current_setting('`+TenantSetting+`', true)) END)
 		RETURNING id`, a.Actor, a.Action, a.Target, detail).Scan(&id); err != nil {
 		return 0, fmt.Errorf("pgstore: admin %s: recording the action: %w", a.Action, err)
 	}

@@ -449,8 +449,12 @@ func TombstoneStream(ctx context.Context, db *sqlx.DB, schema, actor, streamID s
 				if err != nil {
 					return err
 				}
+				// The hash chain is tenant ''s (Seal refuses schemas with
+				// tenants): a tenant's stream has none to complete, and
+				// sealing by id alone would extend tenant ''s stream of the
+				// same id.
 				var sealed bool
-				if err := tx.QueryRowContext(ctx, `SELECT EXISTS (SELECT 1 FROM `+q+`.chain_seals)`).Scan(&sealed); err != nil {
+				if err := tx.QueryRowContext(ctx, `SELECT EXISTS (SELECT 1 FROM `+q+`.chain_seals) AND `+q+`.current_tenant() = ''`).Scan(&sealed); err != nil {
 					return err
 				}
 				if sealed {
@@ -879,7 +883,7 @@ func sealBatch(ctx context.Context, tx *sqlx.Tx, q, after, only string) (batchRe
 	rows, err := tx.QueryContext(ctx, `
 		SELECT s.stream_id, coalesce(r.version, s.version), coalesce(h.version, 0), h.hash
 		FROM `+q+`.streams s
-		LEFT JOIN `+q+`.retired_streams r ON r.stream_id = s.stream_id
+		LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = '' AND r.stream_id = s.stream_id
 		LEFT JOIN `+q+`.chain_heads h ON h.stream_id = s.stream_id
 		WHERE s.tenant_id = '' AND `+filter+` AND coalesce(r.version, s.version) > coalesce(h.version, 0)
 		  AND r.state IS DISTINCT FROM 'tombstoned'
@@ -926,7 +930,7 @@ func sealBatch(ctx context.Context, tx *sqlx.Tx, q, after, only string) (batchRe
 			SELECT x.* FROM (
 			  SELECT `+chainEventCols+` FROM `+q+`.events WHERE tenant_id = ''
 			  UNION ALL
-			  SELECT `+chainEventCols+` FROM `+q+`.archived_events) x
+			  SELECT `+chainEventCols+` FROM `+q+`.archived_events WHERE tenant_id = '') x
 			JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS w(sid, head, top)
 			  ON x.stream_id = w.sid AND x.version > w.head AND x.version <= w.top
 			ORDER BY x.stream_id, x.version`, pq.StringArray(sids), pq.Int64Array(heads), pq.Int64Array(tops))
@@ -1217,11 +1221,11 @@ func verifyEvents(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) e
 		FULL JOIN (
 		  SELECT 0 AS src, `+chainEventCols+` FROM `+q+`.events WHERE tenant_id = ''
 		  UNION ALL
-		  SELECT 1, `+chainEventCols+` FROM `+q+`.archived_events
+		  SELECT 1, `+chainEventCols+` FROM `+q+`.archived_events WHERE tenant_id = ''
 		) x (src, stream_id, version, category, event_id, event_type, content_type, data, meta, micros)
 		  ON x.stream_id = h.stream_id AND x.version = h.version
 		LEFT JOIN `+q+`.streams s ON s.tenant_id = '' AND s.stream_id = coalesce(h.stream_id, x.stream_id)
-		LEFT JOIN `+q+`.retired_streams r ON r.stream_id = coalesce(h.stream_id, x.stream_id)
+		LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = '' AND r.stream_id = coalesce(h.stream_id, x.stream_id)
 		ORDER BY 1, 2, x.src`)
 	if err != nil {
 		return err
@@ -1333,10 +1337,10 @@ func bytesEqual(a, b []byte) bool { return string(a) == string(b) }
 func verifyEmptyStreams(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) error {
 	rows, err := tx.QueryContext(ctx, `
 		SELECT s.stream_id, coalesce(r.version, s.version)
-		FROM `+q+`.streams s LEFT JOIN `+q+`.retired_streams r ON r.stream_id = s.stream_id
+		FROM `+q+`.streams s LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = '' AND r.stream_id = s.stream_id
 		WHERE s.tenant_id = '' AND coalesce(r.version, s.version) > 0 AND r.state IS DISTINCT FROM 'tombstoned'
 		  AND NOT EXISTS (SELECT 1 FROM `+q+`.events e WHERE e.tenant_id = '' AND e.stream_id = s.stream_id)
-		  AND NOT EXISTS (SELECT 1 FROM `+q+`.archived_events a WHERE a.stream_id = s.stream_id)
+		  AND NOT EXISTS (SELECT 1 FROM `+q+`.archived_events a WHERE a.tenant_id = '' AND a.stream_id = s.stream_id)
 		  AND NOT EXISTS (SELECT 1 FROM `+q+`.event_hashes h WHERE h.stream_id = s.stream_id)
 		ORDER BY 1`)
 	if err != nil {
