@@ -28,8 +28,15 @@ func TestProjectionsRebuild(t *testing.T) {
 		testdb.Exec(t, db, `CREATE TABLE `+s+`.seen_`+slot+` (event_id uuid PRIMARY KEY, stream_id text NOT NULL)`)
 	}
 	testdb.Exec(t, db, `CREATE VIEW `+s+`.seen AS SELECT * FROM `+s+`.seen_a`)
+	var last eventstore.Position
 	for i := range 20 {
-		appendEvents(t, store, "order-"+string(rune('a'+i%5)), "OrderPlaced")
+		last = appendEvents(t, store, "order-"+string(rune('a'+i%5)), "OrderPlaced").LastPosition
+	}
+	// The rebuild's total is the feed's head when it starts, and the feed
+	// shows the appends once every older transaction on the server (other
+	// tests' too) has ended: wait for that, so the progress bar has a total.
+	if err := eventstore.WaitForPosition(ctx, store, last); err != nil {
+		t.Fatal(err)
 	}
 	rc := projection.RebuildConfig{
 		Config: projection.Config{Name: "orders", DB: db, Schema: c.schema},
