@@ -541,3 +541,75 @@ func must[T any](v T, err error) T {
 	}
 	return v
 }
+
+// TestTenantLeavesNothingOnThePool: a bound store's appends and reads set the
+// tenant for their own statement only; the pooled connection they ran on
+// holds no tenant afterwards, so the next user of it (another tenant's
+// store, or the store bound to none) is not acting as that tenant.
+func TestTenantLeavesNothingOnThePool(t *testing.T) {
+	ctx := context.Background()
+	shared := testdb.Open(t, "postgres")
+	one, err := sqlx.Open("postgres", testdb.DSN())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer one.Close()
+	one.SetMaxOpenConns(1) // every statement below runs on this one session
+	schema := testdb.Schema(t, shared)
+	if _, err := pgstore.Migrate(ctx, one, schema); err != nil {
+		t.Fatal(err)
+	}
+	root, err := pgstore.New(one, &pgstore.Config{Schema: schema})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer root.Close()
+	acme, err := root.ForTenant("acme")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer acme.Close()
+	sessionTenant := func(after string) {
+		t.Helper()
+		var got string
+		if err := one.GetContext(ctx, &got, `SELECT coalesce(current_setting('stele.tenant', true), '')`); err != nil {
+			t.Fatal(err)
+		}
+		if got != "" {
+			t.Errorf("after %s the pooled session acts as tenant %q", after, got)
+		}
+	}
+	if _, err := acme.Append(ctx, "order-1", eventstore.NoStream, eventstoretest.Evs("placed", 2)); err != nil {
+		t.Fatal(err)
+	}
+	sessionTenant("an append")
+	for name, read := range map[string]func() error{
+		"ReadStream": func() error { _, err := eventstore.LoadStream(ctx, acme, "order-1"); return err },
+		"ReadAll":    func() error { _, err := acme.ReadAll(ctx, eventstore.ReadAllOpts{}); return err },
+		"Head":       func() error { _, err := acme.Head(ctx); return err },
+		"Version":    func() error { _, err := acme.StreamVersion(ctx, "order-1"); return err },
+		"List":       func() error { _, err := acme.ListStreams(ctx, eventstore.ListStreamsOpts{}); return err },
+	} {
+		if err := read(); err != nil {
+			t.Fatalf("%s: %v", name, err)
+		}
+		sessionTenant(name)
+	}
+	// The store bound to none, on the same session, still writes tenant ''
+	// (and its append statement is prepared before the one connection is
+	// taken by the transaction below).
+	if _, err := root.Append(ctx, "order-1", eventstore.NoStream, eventstoretest.Evs("placed", 1)); err != nil {
+		t.Fatalf("tenant '' appending its own order-1 after acme used the session: %v", err)
+	}
+	tx, err := one.BeginTxx(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := acme.AppendTx(ctx, tx, "order-2", eventstore.NoStream, eventstoretest.Evs("placed", 1)); err != nil {
+		t.Fatal(err)
+	}
+	if err := tx.Commit(); err != nil {
+		t.Fatal(err)
+	}
+	sessionTenant("a committed AppendTx")
+}
