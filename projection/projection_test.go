@@ -549,7 +549,12 @@ func TestRebuildOfACategory(t *testing.T) {
 		testdb.Exec(t, db, `CREATE TABLE "`+schema+`".totals_`+slot+` (stream_id text PRIMARY KEY, events int NOT NULL, sum bigint NOT NULL)`)
 	}
 	appendN(t, store, "acct", 30)
-	appendN(t, store, "other", 5) // the newest events are not in the category
+	last := appendN(t, store, "other", 5) // the newest events are not in the category
+	// A rebuild is done at the feed's head when it starts; the feed shows
+	// the appends once older transactions on the server have ended.
+	if err := eventstore.WaitForPosition(ctx, store, last); err != nil {
+		t.Fatal(err)
+	}
 	cfg := projection.RebuildConfig{
 		Config:  projection.Config{Name: "accounts", Category: "acct", DB: db, Schema: schema},
 		Handler: slotted(schema),

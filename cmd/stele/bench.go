@@ -192,6 +192,11 @@ func measureRawLimit(ctx context.Context, script string) (*bench.RawLimit, error
 }
 
 // benchPostgres runs one workload on a schema of its own, dropped afterwards.
+// benchSchemaPrefix names the schemas a benchmark makes (and drops); a test
+// sets its own, so it can check its run left none behind while other runs
+// share the server.
+var benchSchemaPrefix = "stele_bench_"
+
 func benchPostgres(ctx context.Context, g *globalOpts, name string, scale float64, cfg *pgstore.Config, opts bench.Options) (bench.Result, error) {
 	db, err := g.openDB(ctx)
 	if err != nil {
@@ -202,7 +207,7 @@ func benchPostgres(ctx context.Context, g *globalOpts, name string, scale float6
 	db.SetMaxIdleConns(32)
 	b := make([]byte, 4)
 	_, _ = rand.Read(b)
-	cfg.Schema = "stele_bench_" + hex.EncodeToString(b)
+	cfg.Schema = benchSchemaPrefix + hex.EncodeToString(b)
 	defer db.ExecContext(context.WithoutCancel(ctx), `DROP SCHEMA IF EXISTS "`+cfg.Schema+`" CASCADE`)
 	if _, err := pgstore.Migrate(ctx, db, cfg.Schema); err != nil {
 		return bench.Result{}, err

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/stele-dev/stele/internal/bench"
 	"github.com/stele-dev/stele/internal/testdb"
@@ -17,6 +19,9 @@ import (
 // with its figures. It measures nothing worth quoting.
 func TestBenchSmoke(t *testing.T) {
 	testdb.Open(t, "postgres") // skip or fail with a clear message when PostgreSQL is missing
+	prefix := fmt.Sprintf("stele_bench_t%d_", time.Now().UnixNano())
+	benchSchemaPrefix = prefix
+	defer func() { benchSchemaPrefix = "stele_bench_" }()
 	for _, store := range []string{"memory", "postgres"} {
 		t.Run(store, func(t *testing.T) {
 			buses := []string{"gochannel"}
@@ -123,10 +128,11 @@ func TestBenchSmoke(t *testing.T) {
 			}
 		}
 	})
-	// The benchmark drops what it created.
+	// The benchmark drops what it created (other runs on the server have
+	// their own prefix).
 	db := testdb.Open(t, "postgres")
 	var left int
-	if err := db.Get(&left, `SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'stele_bench_%'`); err != nil || left != 0 {
+	if err := db.Get(&left, `SELECT count(*) FROM pg_namespace WHERE starts_with(nspname, $1)`, prefix); err != nil || left != 0 {
 		t.Errorf("%d bench schemas left behind (%v)", left, err)
 	}
 }

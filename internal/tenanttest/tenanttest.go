@@ -36,7 +36,7 @@ func New(t *testing.T, db *sqlx.DB, extra ...string) Tenancy {
 	}
 	ownerRole := schema + "_owner"
 	owner := testdb.Role(t, db, ownerRole, `GRANT CREATE ON DATABASE "`+dbname+`" TO "`+ownerRole+`"`)
-	t.Cleanup(func() { testdb.Exec(t, db, `REVOKE CREATE ON DATABASE "`+dbname+`" FROM "`+ownerRole+`"`) })
+	t.Cleanup(func() { testdb.ExecShared(t, db, `REVOKE CREATE ON DATABASE "`+dbname+`" FROM "`+ownerRole+`"`) })
 	if _, err := pgstore.Migrate(ctx, owner, schema); err != nil {
 		t.Fatal(err)
 	}

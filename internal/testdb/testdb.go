@@ -101,6 +101,40 @@ func Exec(t testing.TB, db interface {
 	}
 }
 
+// sharedCatalogLock is the advisory lock ExecShared holds.
+const sharedCatalogLock = 0x5e1e_0001
+
+// ExecShared runs stmts in one transaction while holding an advisory lock
+// that every test process takes for the same purpose: for statements that
+// change a catalog row all tests share, such as the database's privileges
+// (GRANT ... ON DATABASE). PostgreSQL refuses two concurrent updates of one
+// such row ("tuple concurrently updated") instead of waiting.
+func ExecShared(t testing.TB, db *sqlx.DB, stmts ...string) {
+	t.Helper()
+	if err := execShared(db, stmts...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func execShared(db *sqlx.DB, stmts ...string) error {
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	tx, err := db.BeginTxx(ctx, nil)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = tx.Rollback() }()
+	if _, err := tx.ExecContext(ctx, `SELECT pg_advisory_xact_lock($1)`, sharedCatalogLock); err != nil {
+		return err
+	}
+	for _, s := range stmts {
+		if _, err := tx.ExecContext(ctx, s); err != nil {
+			return fmt.Errorf("%s: %w", s, err)
+		}
+	}
+	return tx.Commit()
+}
+
 // VerifyMain runs the package's tests, closes the shared pools and then
 // fails the run if any goroutine leaked. Use it as TestMain's body.
 func VerifyMain(m *testing.M) {
@@ -129,15 +163,12 @@ func Role(t testing.TB, db *sqlx.DB, name string, setup ...string) *sqlx.DB {
 	t.Helper()
 	Exec(t, db, `CREATE ROLE "`+name+`" LOGIN`)
 	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		for _, s := range []string{`DROP OWNED BY "` + name + `" CASCADE`, `DROP ROLE "` + name + `"`} {
-			if _, err := db.ExecContext(ctx, s); err != nil {
-				t.Errorf("%s: %v", s, err)
-			}
+		// DROP OWNED revokes the role's privileges on the database too.
+		if err := execShared(db, `DROP OWNED BY "`+name+`" CASCADE`, `DROP ROLE "`+name+`"`); err != nil {
+			t.Error(err)
 		}
 	})
-	Exec(t, db, setup...)
+	ExecShared(t, db, setup...)
 	rdb, err := sqlx.Open(db.DriverName(), DSNAs(t, name))
 	if err != nil {
 		t.Fatal(err)
