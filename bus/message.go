@@ -49,6 +49,10 @@ const (
 	// KeyIdempotency carries a command's idempotency key: the receiver
 	// treats a repeated key as the same command (sagas set it).
 	KeyIdempotency = "idempotency_key"
+	// KeyDeadline carries when a command's attempt times out (RFC 3339,
+	// UTC): past it, the sender treats the attempt as failed and may undo
+	// it, so a receiver should refuse the command (sagas set it).
+	KeyDeadline = "deadline"
 )
 
 // UserKeyPrefix is put before the event's own metadata keys

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -173,6 +174,11 @@ func TestSendDeadlinePassesWithoutReply(t *testing.T) {
 	in := f.Instance()
 	started := entries(in, "step_started", "charge", false)
 	failed := entries(in, "step_failed", "charge", false)
+	for n, c := range sent { // the receiver can tell a command that came too late
+		if d, err := time.Parse(time.RFC3339Nano, c.Metadata.Get(bus.KeyDeadline)); err != nil || !d.Equal(started[n].At.Add(10*time.Minute)) {
+			t.Fatalf("command %d: deadline %q (%v), want 10m after its start at %s", n+1, c.Metadata.Get(bus.KeyDeadline), err, started[n].At)
+		}
+	}
 	for n, fl := range failed {
 		if took := fl.At.Sub(started[n].At); took != 10*time.Minute || fl.Detail != "deadline passed (10m0s)" {
 			t.Fatalf("attempt %d failed after %s with %q, want after 10m0s with the deadline", n+1, took, fl.Detail)
@@ -183,6 +189,59 @@ func TestSendDeadlinePassesWithoutReply(t *testing.T) {
 	}
 	if took := time.Since(began); took > 5*time.Second {
 		t.Fatalf("took %s of real time for an hour of virtual time", took)
+	}
+}
+
+// TestTimedOutStepIsCompensated: a step whose last attempt timed out may
+// have acted (the service charged the card, its reply was lost), so it is
+// compensated too, before the completed steps, and its compensation is told
+// the outcome is unknown. A step that answered with a failure is not.
+func TestTimedOutStepIsCompensated(t *testing.T) {
+	refund := saga.Send(func(sc saga.StepContext) (string, *message.Message, error) {
+		msg := message.NewMessage(uuid.NewString(), sc.Input)
+		msg.Metadata.Set("uncertain", strconv.FormatBool(sc.Uncertain))
+		return "payments.refund", msg, nil
+	})
+	for _, tc := range []struct {
+		name  string
+		fail  func(f *sagatest.Fixture)
+		steps []string
+	}{
+		{"no reply by the deadline", func(f *sagatest.Fixture) { f.Advance(10 * time.Minute) },
+			[]string{"do:reserve", "undo:charge", "undo:reserve"}},
+		{"refused", func(f *sagatest.Fixture) { f.ReplyError("charge", bus.Permanent(errors.New("declined"))) },
+			[]string{"do:reserve", "undo:reserve"}},
+		{"failed on its last attempt", func(f *sagatest.Fixture) { f.ReplyError("charge", errors.New("gateway busy")) },
+			[]string{"do:reserve", "undo:reserve"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			fx := newEffects()
+			def := saga.Definition{Name: "order", StartedBy: "order_placed", Retry: saga.RetryPolicy{MaxAttempts: 1}, Steps: []saga.Step{
+				{Name: "reserve", Action: fx.do("reserve"), Compensation: fx.do("release")},
+				{Name: "charge", Action: send("payments.charge"), Compensation: refund, Timeout: 10 * time.Minute},
+				{Name: "ship", Action: send("shipping.ship")},
+			}}
+			f := sagatest.New(t, def).Start("order-1", "order_placed", `{"cents":100}`)
+			tc.fail(f)
+			if len(tc.steps) == 3 {
+				f.Then(saga.Compensating)
+				cmd := f.LastCommand("undo:charge")
+				if cmd.Topic != "payments.refund" || cmd.Metadata.Get("uncertain") != "true" {
+					t.Fatalf("the refund went to %s with uncertain=%q, want payments.refund, true", cmd.Topic, cmd.Metadata.Get("uncertain"))
+				}
+				if in := f.Instance(); in.Uncertain != 1 {
+					t.Fatalf("Instance.Uncertain = %d, want the charge step (1)", in.Uncertain)
+				}
+				f.Reply("undo:charge", nil)
+			}
+			f.Then(saga.Compensated).ThenSteps(tc.steps...)
+			wantEffects(t, fx, "order-1", "reserve", "release")
+			for _, c := range f.Sent() {
+				if c.Topic == "payments.refund" && len(tc.steps) != 3 {
+					t.Fatalf("a refund was sent for a charge the service answered: %v", c)
+				}
+			}
+		})
 	}
 }
 

@@ -115,7 +115,11 @@ type StepContext struct {
 	SagaID       string
 	Step         string
 	Compensating bool
-	Attempt      int
+	// Uncertain, in a compensation, says the step's action ended without an
+	// answer (its last attempt timed out): it may or may not have taken
+	// effect, and the compensation must be harmless if it did not.
+	Uncertain bool
+	Attempt   int
 	// Key is the idempotency key: the same for every attempt of a step, and
 	// different for its compensation.
 	Key string

@@ -72,6 +72,9 @@ const (
 	// rndHangShare of the transient failures hang until the attempt's
 	// deadline (R16): they fail by timing out.
 	rndHangShare = 0.03
+	// rndDeadShare of the steps hang on every attempt (a service that never
+	// answers): they time out for good, and are compensated as uncertain.
+	rndDeadShare = 0.004
 	// rndSlowShare of the attempts take 1 to 40 ms, so that restarts land
 	// in the middle of actions; half of those apply their effect first.
 	rndSlowShare = 0.15
@@ -205,6 +208,9 @@ func (p rndPlan) outcome(i, step int, comp bool, attempt int) rndOutcome {
 	if comp {
 		pt, pp = rndCompTransient, rndCompPermanent
 	}
+	if !comp && p.unit(13, uint64(i), uint64(step)) < rndDeadShare {
+		return rndHang
+	}
 	u := p.unit(1, uint64(i), uint64(step), rndB(comp), uint64(attempt))
 	switch {
 	case u < pp:
@@ -285,8 +291,20 @@ func (p rndPlan) expect(sh *rndShape, i int) rndExpect {
 		e.status = saga.Completed
 		return e
 	}
-	for j := len(e.completed) - 1; j >= 0; j-- {
-		s := e.completed[j]
+	// A failed step whose last attempt hung to its deadline may have acted:
+	// it is undone first, when it has a compensation.
+	undo := slices.Clone(e.completed)
+	if f := len(e.completed); sh.comp[f] && p.outcome(i, f, false, rndMaxAttempts) == rndHang {
+		permanent := false
+		for a := 1; a < rndMaxAttempts; a++ {
+			permanent = permanent || p.outcome(i, f, false, a) == rndPermanent
+		}
+		if !permanent {
+			undo = append(undo, f)
+		}
+	}
+	for j := len(undo) - 1; j >= 0; j-- {
+		s := undo[j]
 		if sh.comp[s] && !passes(s, true) {
 			e.status = saga.NeedsAttention
 			return e
@@ -693,7 +711,7 @@ func rndRun(t *testing.T, seed uint64, store eventstore.Store, db *sqlx.DB, sche
 		byID[in.ID] = in
 	}
 	count := map[saga.Status]int{}
-	perturbed, orphans, emptyCompensated := 0, 0, 0
+	perturbed, orphans, emptyCompensated, uncertain := 0, 0, 0, 0
 	for i := range p.sagas {
 		sh := f.shapes[f.plan.defOf(i)]
 		in := byID[f.sagaID(i)]
@@ -714,6 +732,9 @@ func rndRun(t *testing.T, seed uint64, store eventstore.Store, db *sqlx.DB, sche
 		}
 		if in.Status == saga.Compensated && len(in.Completed) == 0 {
 			emptyCompensated++
+		}
+		if in.Uncertain >= 0 {
+			uncertain++
 		}
 	}
 	if len(all) != p.sagas {
@@ -743,10 +764,11 @@ func rndRun(t *testing.T, seed uint64, store eventstore.Store, db *sqlx.DB, sche
 		finalPhase.Round(time.Millisecond), time.Since(began).Round(time.Millisecond))
 	t.Logf("ended: %d completed, %d compensated (%d with no step to undo), %d needs attention; "+
 		"%d actions run, %d re-runs absorbed by keys (%d of them after a late commit), %d interrupted by a stop, %d slow, %d hung to their deadline; "+
-		"%d sagas with an attempt cut short by its deadline (the plan no longer decides their end), %d effects of such steps left uncompensated; "+
+		"%d sagas with an attempt cut short by its deadline (the plan no longer decides their end), %d effects of such steps left uncompensated (steps with no compensation); "+
+		"%d sagas undid a step that timed out for good first; "+
 		"%d scans for stuck sagas, max lateness %s after the last runners caught up with the feed (in %s) (%s while restarting), max start lag %s; runner logs: %d warnings, %d errors",
 		count[saga.Completed], count[saga.Compensated], emptyCompensated, count[saga.NeedsAttention],
-		led.invocations, led.reruns, led.afterRecorded, led.interrupted, led.slow, led.hangs, perturbed, orphans,
+		led.invocations, led.reruns, led.afterRecorded, led.interrupted, led.slow, led.hangs, perturbed, orphans, uncertain,
 		f.scans, f.maxLate.Round(time.Millisecond), catchUp.Round(time.Millisecond), f.maxLateRestarting.Round(time.Millisecond), f.maxStartLag.Round(time.Millisecond), warns, errs)
 	for _, l := range firstLogs {
 		t.Logf("runner log: %s", l)
@@ -1057,8 +1079,8 @@ func (f *rndFuzz) checkOutputs(sh *rndShape, i, step int, comp bool, sc saga.Ste
 		}
 	}
 	want := step
-	if comp {
-		want = step + 1
+	if comp && !sc.Uncertain {
+		want = step + 1 // its own among them
 	}
 	if len(sc.Outputs) < want || (!comp && len(sc.Outputs) != want) {
 		f.violate("%s %s (compensating %v): outputs of %d steps, want %d", sc.SagaID, sc.Step, comp, len(sc.Outputs), want)
@@ -1198,17 +1220,29 @@ func (f *rndFuzz) check(sh *rndShape, i int, in *saga.Instance) (perturbed, orph
 			break
 		}
 	}
+	// The order of undoing: the step that timed out for good, if it has a
+	// compensation (it may have acted), then the completed steps last first.
 	reverse := slices.Clone(in.Completed)
 	slices.Reverse(reverse)
+	if in.Uncertain >= 0 {
+		if in.Uncertain != len(in.Completed) || !sh.comp[in.Uncertain] {
+			bad("uncertain step %d, but %d steps completed (has a compensation: %v)", in.Uncertain, len(in.Completed), sh.comp[min(in.Uncertain, len(sh.comp)-1)])
+		}
+		if fs := failures[stepKey{in.Uncertain, false}]; len(fs) == 0 || !strings.HasPrefix(fs[len(fs)-1].Detail, "deadline passed") &&
+			!strings.HasSuffix(fs[len(fs)-1].Detail, context.DeadlineExceeded.Error()) {
+			bad("step %d compensated as uncertain, but its last attempt did not time out", in.Uncertain)
+		}
+		reverse = append([]int{in.Uncertain}, reverse...)
+	}
 	if len(undone) > len(reverse) || !slices.Equal(undone, reverse[:len(undone)]) {
-		bad("compensations %v, not in reverse order of the completed steps %v", undone, in.Completed)
+		bad("compensations %v, not the uncertain step (%d) then the completed steps %v in reverse", undone, in.Uncertain, in.Completed)
 	}
 	if len(undone) != len(in.Compensated) {
 		bad("compensated %v, but the history undid %v", in.Compensated, undone)
 	}
 	for _, s := range undone {
-		if !in.Compensated[s] || !slices.Contains(in.Completed, s) {
-			bad("step %d compensated but never completed (or not marked)", s)
+		if !in.Compensated[s] || !slices.Contains(reverse, s) {
+			bad("step %d compensated but never completed nor uncertain (or not marked)", s)
 		}
 	}
 
@@ -1225,9 +1259,17 @@ func (f *rndFuzz) check(sh *rndShape, i int, in *saga.Instance) (perturbed, orph
 			fwdL = append(fwdL, e.step)
 		}
 	}
-	if len(fwdL) == len(in.Completed)+1 && perturbed && in.Status != saga.Completed &&
+	if len(fwdL) == len(in.Completed)+1 && in.Status != saga.Completed &&
 		slices.Equal(fwdL[:len(in.Completed)], in.Completed) && len(failures[stepKey{fwdL[len(fwdL)-1], false}]) > 0 {
-		orphan = true // applied, then timed out: the saga treats the step as not done
+		switch last := fwdL[len(fwdL)-1]; {
+		case last == in.Uncertain:
+			// applied, then timed out for good: compensated as uncertain
+			// (the compensations are checked against the ledger below)
+		case perturbed && !sh.comp[last]:
+			orphan = true // applied, then timed out, and nothing to undo it with
+		default:
+			bad("step %d applied, never recorded as done, and not compensated as uncertain", last)
+		}
 		fwdL = fwdL[:len(in.Completed)]
 	}
 	if !slices.Equal(fwdL, in.Completed) {
@@ -1260,12 +1302,12 @@ func (f *rndFuzz) check(sh *rndShape, i int, in *saga.Instance) (perturbed, orph
 			bad("completed with %d of %d steps and %d compensations", len(in.Completed), len(sh.steps), len(undone))
 		}
 	case saga.Compensated:
-		if compensating != 1 || len(undone) != len(in.Completed) {
-			bad("compensated with %v of %v undone", undone, in.Completed)
+		if compensating != 1 || len(undone) != len(reverse) {
+			bad("compensated with %v of %v undone", undone, reverse)
 		}
 	case saga.NeedsAttention:
-		if compensating != 1 || len(undone) >= len(in.Completed) {
-			bad("needs attention with %v of %v undone", undone, in.Completed)
+		if compensating != 1 || len(undone) >= len(reverse) {
+			bad("needs attention with %v of %v undone", undone, reverse)
 			break
 		}
 		next := reverse[len(undone)]

@@ -706,7 +706,7 @@ func (r *Runner) decide(ctx context.Context, in *Instance, md eventstore.Metadat
 	}
 	switch {
 	case in.InFlight && !now.Before(in.Deadline):
-		return r.failure(in, step, compensating, in.Attempt, fmt.Errorf("deadline passed (%s)", r.def.timeout(step)), emit), time.Time{}, nil, nil
+		return r.failure(in, step, compensating, in.Attempt, fmt.Errorf("%w (%s)", ErrDeadline, r.def.timeout(step)), emit), time.Time{}, nil, nil
 	case in.InFlight && action.do != nil:
 		// Started by a runner that did not record the outcome (it died, or
 		// another runner is at it): run it again, with the same key.
@@ -751,6 +751,7 @@ func (r *Runner) startAttempt(ctx context.Context, in *Instance, step int, compe
 			rec.Metadata[k] = v
 		}
 		rec.Metadata[bus.KeyIdempotency] = sc.Key
+		rec.Metadata[bus.KeyDeadline] = rec.Deadline.UTC().Format(time.RFC3339Nano)
 		rec.Metadata[bus.KeyReplyTo] = r.cfg.ReplyTopic
 		rec.Metadata[bus.KeyCorrelationID] = replyID(in.ID, step, compensating)
 		return []eventstore.EventData{emit(TypeStepStarted, rec)}, time.Time{}, nil, nil
@@ -820,8 +821,21 @@ func (r *Runner) failure(in *Instance, step int, compensating bool, attempt int,
 		return []eventstore.EventData{emit(TypeStepFailed, rec),
 			emit(TypeNeedsAttention, record{Step: step, StepName: rec.StepName, Compensating: true, Reason: "compensation of " + why})}
 	}
-	return []eventstore.EventData{emit(TypeStepFailed, rec), emit(TypeCompensating, record{Step: step, StepName: rec.StepName, Reason: why})}
+	// A step that timed out may have acted (a command delivered, its reply
+	// lost): it is compensated too, first. A refusal or an error it
+	// reported is an answer, and leaves it out.
+	uncertain := !rec.Permanent && (errors.Is(cause, ErrDeadline) || errors.Is(cause, context.DeadlineExceeded)) &&
+		r.def.Steps[step].Compensation.defined()
+	if uncertain {
+		why += " (no answer, so it may have acted: its compensation runs first)"
+	}
+	return []eventstore.EventData{emit(TypeStepFailed, rec),
+		emit(TypeCompensating, record{Step: step, StepName: rec.StepName, Reason: why, Uncertain: uncertain})}
 }
+
+// ErrDeadline is the failure recorded for an attempt that had no outcome by
+// its deadline.
+var ErrDeadline = errors.New("deadline passed")
 
 // replyID is the correlation id of a step's commands: the same for every
 // attempt, so a late reply to an earlier attempt still completes the step.

@@ -51,6 +51,7 @@ type record struct {
 	Deadline     time.Time       `json:"deadline,omitzero"` // step_started: when the attempt times out
 	RetryAt      time.Time       `json:"retry_at,omitzero"` // step_failed: when the next attempt may start (zero: none)
 	Permanent    bool            `json:"permanent,omitempty"`
+	Uncertain    bool            `json:"uncertain,omitempty"` // compensating: the failed step's outcome is unknown
 	Error        string          `json:"error,omitempty"`
 	Output       []byte          `json:"output,omitempty"`
 	Reason       string          `json:"reason,omitempty"`
@@ -83,7 +84,11 @@ type Instance struct {
 	// Compensated those whose compensation did.
 	Completed   []int
 	Compensated map[int]bool
-	Outputs     map[int][]byte
+	// Uncertain is the step whose last attempt ended without an answer (it
+	// timed out) when the saga began compensating, or -1. Its action may
+	// have taken effect, so it is compensated first.
+	Uncertain int
+	Outputs   map[int][]byte
 	// Received holds the data of awaited events that arrived, by step.
 	Received map[int][]byte
 	// The step (or compensation) under way.
@@ -105,7 +110,7 @@ type Instance struct {
 
 // fold builds an Instance from a saga's events.
 func fold(definition, id string, events []eventstore.Event) (*Instance, error) {
-	in := &Instance{Definition: definition, ID: id, Compensated: map[int]bool{}, Outputs: map[int][]byte{}, Received: map[int][]byte{}, Current: -1}
+	in := &Instance{Definition: definition, ID: id, Compensated: map[int]bool{}, Outputs: map[int][]byte{}, Received: map[int][]byte{}, Current: -1, Uncertain: -1}
 	for _, e := range events {
 		if err := in.apply(e); err != nil {
 			return nil, err
@@ -149,7 +154,10 @@ func (in *Instance) apply(e eventstore.Event) error {
 		in.InFlight, in.RetryAt, in.LastError = false, r.RetryAt, r.Error
 		h.Detail = r.Error
 	case TypeCompensating:
-		in.Status, in.FailedReason = Compensating, r.Reason
+		in.Status, in.FailedReason, in.Uncertain = Compensating, r.Reason, -1
+		if r.Uncertain {
+			in.Uncertain = r.Step
+		}
 		in.Current, in.Attempt, in.InFlight, in.RetryAt = -1, 0, false, time.Time{}
 		h.Detail = r.Reason
 	case TypeCompleted:
@@ -191,9 +199,12 @@ func (in *Instance) apply(e eventstore.Event) error {
 	return nil
 }
 
-// nextCompensation is the last completed step whose compensation has not
-// run, or -1 when every one has.
+// nextCompensation is the step to undo next: the uncertain step, then the
+// completed steps last first; -1 when every one is undone.
 func (in *Instance) nextCompensation() int {
+	if in.Uncertain >= 0 && !in.Compensated[in.Uncertain] {
+		return in.Uncertain
+	}
 	for i := len(in.Completed) - 1; i >= 0; i-- {
 		if s := in.Completed[i]; !in.Compensated[s] {
 			return s
@@ -213,5 +224,5 @@ func (in *Instance) stepContext(def Definition, step int, compensating bool, att
 		key += ":compensate"
 	}
 	return StepContext{SagaID: in.ID, Step: def.Steps[step].Name, Compensating: compensating, Attempt: attempt,
-		Key: key, Input: in.Input, Outputs: outs, TraceParent: in.traceParent, TraceState: in.traceState}
+		Uncertain: compensating && step == in.Uncertain, Key: key, Input: in.Input, Outputs: outs, TraceParent: in.traceParent, TraceState: in.traceState}
 }

@@ -133,6 +133,7 @@ type sagaJSON struct {
 	LastError   string        `json:"last_error"`
 	Reason      string        `json:"reason"`                 // why it compensates, compensated or needs attention
 	AbortReason string        `json:"abort_reason,omitempty"` // an abort was requested, not yet carried out
+	Uncertain   string        `json:"uncertain,omitempty"`    // a step that timed out for good, so may have acted: compensated first
 	abort       string        // that request, with the reason as the operator gave it
 }
 
@@ -162,6 +163,14 @@ func sagaJSONOf(in *saga.Instance) sagaJSON {
 	}
 	if in.Status == saga.NeedsAttention {
 		s.Reason = in.AttentionReason
+	}
+	if in.Uncertain >= 0 {
+		for i := len(in.History) - 1; i >= 0; i-- {
+			if h := in.History[i]; h.Type == "compensating" {
+				s.Uncertain = h.Step
+				break
+			}
+		}
 	}
 	if in.InFlight && !in.Deadline.IsZero() {
 		d := in.Deadline
@@ -484,6 +493,9 @@ func writeSagaDetail(w io.Writer, d sagaDetailJSON) error {
 	}
 	line("Done", list(d.Done))
 	line("Undone", list(d.Undone))
+	if d.Uncertain != "" {
+		line("Uncertain", oneLine(d.Uncertain)+" (timed out for good, so it may have acted: compensated first)")
+	}
 	line("Under way", underWayText(d.sagaJSON))
 	if d.LastError != "" {
 		line("Last error", oneLine(d.LastError))

@@ -231,7 +231,7 @@ func run(ctx context.Context, w io.Writer, e *env) error {
 		sagaPub = tel.Publisher(sagaPub, "saga.order_fulfilment")
 	}
 	// The services listen first, so nothing sent to them is missed.
-	inventory := &Inventory{stock: map[string]int{"book": 10, "lamp": 3, "chair": 4}}
+	inventory := &Inventory{stock: map[string]int{"book": 10, "lamp": 3, "chair": 4}, reserved: map[string]int{}}
 	payments := &Payments{timedOut: map[string]bool{}, charged: map[string]int{}}
 	shipping := &Shipping{}
 	router, _, err := bus.NewRouter(bus.RouterConfig{Logger: quiet})

@@ -74,10 +74,13 @@ func (s *service) handle(msg *message.Message) error {
 	return bus.Reply(s.pub, msg, message.NewMessage("", []byte(a.out)))
 }
 
-// Inventory keeps stock per item.
+// Inventory keeps stock per item, and what each order holds. A release
+// gives back only what the order holds: the saga also releases after a
+// reservation that timed out, which may never have happened.
 type Inventory struct {
-	mu    sync.Mutex
-	stock map[string]int
+	mu       sync.Mutex
+	stock    map[string]int
+	reserved map[string]int // by order
 }
 
 func (inv *Inventory) do(cmd Command) (string, error) {
@@ -89,10 +92,13 @@ func (inv *Inventory) do(cmd Command) (string, error) {
 			return "", bus.Permanent(fmt.Errorf("only %d %s in stock", inv.stock[cmd.Item], cmd.Item))
 		}
 		inv.stock[cmd.Item] -= cmd.Qty
+		inv.reserved[cmd.Order] += cmd.Qty
 		return fmt.Sprintf("%d %s reserved", cmd.Qty, cmd.Item), nil
 	case "release":
-		inv.stock[cmd.Item] += cmd.Qty
-		return fmt.Sprintf("%d %s back in stock", cmd.Qty, cmd.Item), nil
+		n := inv.reserved[cmd.Order]
+		delete(inv.reserved, cmd.Order)
+		inv.stock[cmd.Item] += n
+		return fmt.Sprintf("%d %s back in stock", n, cmd.Item), nil
 	}
 	return "", bus.Permanent(fmt.Errorf("inventory: unknown action %q", cmd.Action))
 }
@@ -122,8 +128,11 @@ func (p *Payments) do(cmd Command) (string, error) {
 		p.charged[cmd.Order] += cmd.Amount
 		return fmt.Sprintf("%d charged", cmd.Amount), nil
 	case "refund":
-		p.charged[cmd.Order] -= cmd.Amount
-		return fmt.Sprintf("%d refunded", cmd.Amount), nil
+		// What was charged, if anything: the saga also refunds a charge
+		// that timed out, which may never have gone through.
+		n := p.charged[cmd.Order]
+		delete(p.charged, cmd.Order)
+		return fmt.Sprintf("%d refunded", n), nil
 	}
 	return "", bus.Permanent(fmt.Errorf("payments: unknown action %q", cmd.Action))
 }
