@@ -461,7 +461,11 @@ it from cron or after a batch.
 
 Keep the digest it prints outside the database (a ticket, a log, a signed
 message): stele verify --digest DIGEST then proves the sealed history was not
-rewritten since, even by someone who can write every table.`,
+rewritten since, even by someone who can write every table.
+
+The chain covers every tenant's streams. With row-level security on (stele
+tenancy enable), run it as a role that bypasses it: a superuser or a role
+with BYPASSRLS.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()
@@ -532,7 +536,8 @@ the chain consistent.
 outside the database: it must still be one of the store's seals.
 
 Exits 1 if anything is wrong. Events appended since the last seal are not
-covered yet: they are counted as unsealed.`,
+covered yet: they are counted as unsealed. Like seal, it reads every tenant's
+streams, so with row-level security on it runs as a role that bypasses it.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx := cmd.Context()

@@ -449,16 +449,14 @@ func TombstoneStream(ctx context.Context, db *sqlx.DB, schema, actor, streamID s
 				if err != nil {
 					return err
 				}
-				// The hash chain is tenant ''s (Seal refuses schemas with
-				// tenants): a tenant's stream has none to complete, and
-				// sealing by id alone would extend tenant ''s stream of the
-				// same id.
+				// The stream of the transaction's tenant.
 				var sealed bool
-				if err := tx.QueryRowContext(ctx, `SELECT EXISTS (SELECT 1 FROM `+q+`.chain_seals) AND `+q+`.current_tenant() = ''`).Scan(&sealed); err != nil {
+				var tenant string
+				if err := tx.QueryRowContext(ctx, `SELECT EXISTS (SELECT 1 FROM `+q+`.chain_seals), `+q+`.current_tenant()`).Scan(&sealed, &tenant); err != nil {
 					return err
 				}
 				if sealed {
-					b, err := sealBatch(ctx, tx, q, "", streamID)
+					b, err := sealBatch(ctx, tx, q, streamKey{}, &streamKey{tenant, streamID})
 					if err != nil {
 						return err
 					}
@@ -680,6 +678,11 @@ const (
 	eventHashTag = "stele.event.v1"
 	auditHashTag = "stele.audit.v1"
 	sealHashTag  = "stele.seal.v1"
+	// A tenant's events, and seals that cover any, are hashed under their
+	// own tags with the tenant included; tenant ''s keep the forms above,
+	// so chains sealed before tenants existed verify unchanged.
+	eventTenantHashTag = "stele.event.tenant.v1"
+	sealTenantHashTag  = "stele.seal.tenant.v1"
 )
 
 var zeroHash = make([]byte, sha256.Size)
@@ -715,17 +718,23 @@ func (w *hasher) sum() []byte { return w.h.Sum(nil) }
 
 // chainEvent is an event's hashed fields as read for the chain.
 type chainEvent struct {
-	streamID, category, eventID, typ, contentType, meta string
-	version, micros                                     int64
-	data                                                []byte
+	tenant, streamID, category, eventID, typ, contentType, meta string
+	version, micros                                             int64
+	data                                                        []byte
 }
 
 // chainEventCols reads chainEvent from events or archived_events.
-const chainEventCols = `stream_id, version, category, event_id::text, event_type, content_type, data, metadata::text,
+const chainEventCols = `tenant_id, stream_id, version, category, event_id::text, event_type, content_type, data, metadata::text,
 	(extract(epoch FROM recorded_at) * 1000000)::bigint`
 
 func (e *chainEvent) hash(prev []byte) []byte {
-	w := newHasher(eventHashTag, prev)
+	var w *hasher
+	if e.tenant == "" {
+		w = newHasher(eventHashTag, prev)
+	} else {
+		w = newHasher(eventTenantHashTag, prev)
+		w.str(e.tenant)
+	}
 	w.str(e.streamID)
 	w.str(e.category)
 	w.int(e.version)
@@ -757,21 +766,40 @@ func (a *chainAudit) hash(prev []byte) []byte {
 	return w.sum()
 }
 
+// streamKey names a stream: its tenant and id.
+type streamKey struct{ tenant, id string }
+
+func (k streamKey) compare(o streamKey) int {
+	if c := strings.Compare(k.tenant, o.tenant); c != 0 {
+		return c
+	}
+	return strings.Compare(k.id, o.id)
+}
+
 // sealSpan is what one seal covers of one stream's chain.
 type sealSpan struct {
-	streamID    string
-	first, last int64
-	head        []byte // the hash of last
+	tenant, streamID string
+	first, last      int64
+	head             []byte // the hash of last
 }
 
 // sealDigest commits to a seal: its id, the previous seal's digest, the span
-// and head of each stream it sealed (in byte order of the stream id) and
-// the span and head of the audit rows it sealed.
+// and head of each stream it sealed (in byte order of tenant, then stream
+// id) and the span and head of the audit rows it sealed. A seal that covers
+// any tenant's stream names every span's tenant.
 func sealDigest(id int64, prev []byte, spans []sealSpan, audit sealSpan) []byte {
-	w := newHasher(sealHashTag, prev)
+	tenants := slices.ContainsFunc(spans, func(s sealSpan) bool { return s.tenant != "" })
+	tag := sealHashTag
+	if tenants {
+		tag = sealTenantHashTag
+	}
+	w := newHasher(tag, prev)
 	w.int(id)
 	w.int(int64(len(spans)))
 	for _, s := range spans {
+		if tenants {
+			w.str(s.tenant)
+		}
 		w.str(s.streamID)
 		w.int(s.first)
 		w.int(s.last)
@@ -818,12 +846,12 @@ func Seal(ctx context.Context, db *sqlx.DB, schema string) (SealResult, error) {
 	if err := ValidateSchema(schema); err != nil {
 		return SealResult{}, err
 	}
-	if err := refuseTenancy(ctx, db, schema); err != nil {
+	if err := requireEveryTenant(ctx, db, schema); err != nil {
 		return SealResult{}, err
 	}
 	q := quoteIdent(schema)
 	var res SealResult
-	after := ""
+	var after streamKey
 	for {
 		tx, err := db.BeginTxx(ctx, nil)
 		if err != nil {
@@ -832,7 +860,7 @@ func Seal(ctx context.Context, db *sqlx.DB, schema string) (SealResult, error) {
 		var b batchResult
 		err = lockSeal(ctx, tx, schema)
 		if err == nil {
-			b, err = sealBatch(ctx, tx, q, after, "")
+			b, err = sealBatch(ctx, tx, q, after, nil)
 		}
 		if err == nil {
 			err = tx.Commit()
@@ -864,7 +892,7 @@ func Seal(ctx context.Context, db *sqlx.DB, schema string) (SealResult, error) {
 type batchResult struct {
 	sealID            int64
 	events, auditRows int64
-	lastStream        string
+	lastStream        streamKey
 	more              bool
 	skipped           []VerifyProblem
 }
@@ -872,22 +900,22 @@ type batchResult struct {
 // sealBatch seals, in tx (which holds the seal lock), the next streams after
 // `after` with events not yet chained, or only stream `only`, and the audit
 // rows not yet chained, as one seal.
-func sealBatch(ctx context.Context, tx *sqlx.Tx, q, after, only string) (batchResult, error) {
+func sealBatch(ctx context.Context, tx *sqlx.Tx, q string, after streamKey, only *streamKey) (batchResult, error) {
 	var b batchResult
 	// The streams to extend: live ones whose version is past their chain's
 	// head, and archived ones likewise (their version is kept aside).
-	filter, args := `s.stream_id > $1`, []any{after, sealBatchStreams}
-	if only != "" {
-		filter, args = `s.stream_id = $1`, []any{only, 1}
+	filter, args := `(s.tenant_id, s.stream_id) > ($1, $2)`, []any{after.tenant, after.id, sealBatchStreams}
+	if only != nil {
+		filter, args = `s.tenant_id = $1 AND s.stream_id = $2`, []any{only.tenant, only.id, 1}
 	}
 	rows, err := tx.QueryContext(ctx, `
-		SELECT s.stream_id, coalesce(r.version, s.version), coalesce(h.version, 0), h.hash
+		SELECT s.tenant_id, s.stream_id, coalesce(r.version, s.version), coalesce(h.version, 0), h.hash
 		FROM `+q+`.streams s
-		LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = '' AND r.stream_id = s.stream_id
-		LEFT JOIN `+q+`.chain_heads h ON h.stream_id = s.stream_id
-		WHERE s.tenant_id = '' AND `+filter+` AND coalesce(r.version, s.version) > coalesce(h.version, 0)
+		LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = s.tenant_id AND r.stream_id = s.stream_id
+		LEFT JOIN `+q+`.chain_heads h ON h.tenant_id = s.tenant_id AND h.stream_id = s.stream_id
+		WHERE `+filter+` AND coalesce(r.version, s.version) > coalesce(h.version, 0)
 		  AND r.state IS DISTINCT FROM 'tombstoned'
-		ORDER BY s.stream_id LIMIT $2`, args...)
+		ORDER BY s.tenant_id, s.stream_id LIMIT $3`, args...)
 	if err != nil {
 		return b, err
 	}
@@ -895,85 +923,89 @@ func sealBatch(ctx context.Context, tx *sqlx.Tx, q, after, only string) (batchRe
 		head, top int64
 		prev      []byte
 	}
-	todo := map[string]*work{}
-	var sids []string
+	todo := map[streamKey]*work{}
+	var keys []streamKey
+	var tids, sids []string
 	var heads, tops []int64
 	for rows.Next() {
-		var sid string
+		var k streamKey
 		w := &work{}
-		if err := rows.Scan(&sid, &w.top, &w.head, &w.prev); err != nil {
+		if err := rows.Scan(&k.tenant, &k.id, &w.top, &w.head, &w.prev); err != nil {
 			rows.Close()
 			return b, err
 		}
 		if w.prev == nil {
 			w.prev = zeroHash
 		}
-		todo[sid] = w
-		sids, heads, tops = append(sids, sid), append(heads, w.head), append(tops, w.top)
+		todo[k] = w
+		keys = append(keys, k)
+		tids, sids, heads, tops = append(tids, k.tenant), append(sids, k.id), append(heads, w.head), append(tops, w.top)
 	}
 	rows.Close()
 	if err := rows.Err(); err != nil {
 		return b, err
 	}
-	if only == "" && len(sids) == sealBatchStreams {
-		b.more, b.lastStream = true, sids[len(sids)-1]
+	if only == nil && len(keys) == sealBatchStreams {
+		b.more, b.lastStream = true, keys[len(keys)-1]
 	}
 
 	// Their events past the head, from the log and the archive in one
 	// statement, so that an archive moving them meanwhile is seen whole.
 	var spans []sealSpan
-	var hStreams []string
+	var hTenants, hStreams []string
 	var hVersions []int64
 	var hHashes [][]byte
-	if len(sids) > 0 {
+	if len(keys) > 0 {
 		rows, err = tx.QueryContext(ctx, `
 			SELECT x.* FROM (
-			  SELECT `+chainEventCols+` FROM `+q+`.events WHERE tenant_id = ''
+			  SELECT `+chainEventCols+` FROM `+q+`.events
 			  UNION ALL
-			  SELECT `+chainEventCols+` FROM `+q+`.archived_events WHERE tenant_id = '') x
-			JOIN unnest($1::text[], $2::bigint[], $3::bigint[]) AS w(sid, head, top)
-			  ON x.stream_id = w.sid AND x.version > w.head AND x.version <= w.top
-			ORDER BY x.stream_id, x.version`, pq.StringArray(sids), pq.Int64Array(heads), pq.Int64Array(tops))
+			  SELECT `+chainEventCols+` FROM `+q+`.archived_events) x
+			JOIN unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS w(tid, sid, head, top)
+			  ON x.tenant_id = w.tid AND x.stream_id = w.sid AND x.version > w.head AND x.version <= w.top
+			ORDER BY x.tenant_id, x.stream_id, x.version`, pq.StringArray(tids), pq.StringArray(sids), pq.Int64Array(heads), pq.Int64Array(tops))
 		if err != nil {
 			return b, err
 		}
 		var cur *sealSpan
-		stopped := map[string]bool{} // streams whose chain stopped at a gap
+		stopped := map[streamKey]bool{} // streams whose chain stopped at a gap
 		for rows.Next() {
 			var e chainEvent
-			if err := rows.Scan(&e.streamID, &e.version, &e.category, &e.eventID, &e.typ, &e.contentType, &e.data, &e.meta, &e.micros); err != nil {
+			if err := rows.Scan(&e.tenant, &e.streamID, &e.version, &e.category, &e.eventID, &e.typ, &e.contentType, &e.data, &e.meta, &e.micros); err != nil {
 				rows.Close()
 				return b, err
 			}
-			if stopped[e.streamID] {
+			k := streamKey{e.tenant, e.streamID}
+			if stopped[k] {
 				continue
 			}
-			w := todo[e.streamID]
+			w := todo[k]
 			if e.version != w.head+1 {
-				stopped[e.streamID] = true
+				stopped[k] = true
 				detail := fmt.Sprintf("version %d is missing from the log and the archive", w.head+1)
 				if e.version == w.head {
 					detail = fmt.Sprintf("version %d is in both the log and the archive", e.version)
 				}
-				b.skipped = append(b.skipped, VerifyProblem{Kind: ProblemOutOfChain, StreamID: e.streamID, Version: w.head + 1, Detail: detail})
+				b.skipped = append(b.skipped, VerifyProblem{Kind: ProblemOutOfChain, Tenant: k.tenant, StreamID: k.id, Version: w.head + 1, Detail: detail})
 				continue
 			}
 			w.prev = e.hash(w.prev)
 			w.head = e.version
-			if cur == nil || cur.streamID != e.streamID {
-				spans = append(spans, sealSpan{streamID: e.streamID, first: e.version})
+			if cur == nil || cur.tenant != k.tenant || cur.streamID != k.id {
+				spans = append(spans, sealSpan{tenant: k.tenant, streamID: k.id, first: e.version})
 				cur = &spans[len(spans)-1]
 			}
 			cur.last, cur.head = e.version, w.prev
-			hStreams, hVersions, hHashes = append(hStreams, e.streamID), append(hVersions, e.version), append(hHashes, w.prev)
+			hTenants, hStreams = append(hTenants, k.tenant), append(hStreams, k.id)
+			hVersions, hHashes = append(hVersions, e.version), append(hHashes, w.prev)
 		}
 		rows.Close()
 		if err := rows.Err(); err != nil {
 			return b, err
 		}
-		for _, sid := range sids {
-			if w := todo[sid]; !stopped[sid] && w.head < w.top {
-				b.skipped = append(b.skipped, VerifyProblem{Kind: ProblemDeleted, StreamID: sid, Version: w.head + 1,
+		for _, k := range keys {
+			if w := todo[k]; !stopped[k] && w.head < w.top {
+				b.skipped = append(b.skipped, VerifyProblem{Kind: ProblemDeleted, Tenant: k.tenant, StreamID: k.id, Version: w.head + 1,
 					Detail: fmt.Sprintf("the stream is at version %d but versions %d..%d are missing from the log and the archive", w.top, w.head+1, w.top)})
 			}
 		}
@@ -1024,7 +1056,9 @@ func sealBatch(ctx context.Context, tx *sqlx.Tx, q, after, only string) (batchRe
 		return b, err
 	}
 	b.sealID = prevID + 1
-	slices.SortFunc(spans, func(x, y sealSpan) int { return strings.Compare(x.streamID, y.streamID) })
+	slices.SortFunc(spans, func(x, y sealSpan) int {
+		return streamKey{x.tenant, x.streamID}.compare(streamKey{y.tenant, y.streamID})
+	})
 	digest := sealDigest(b.sealID, prevDigest, spans, auditSpan)
 	if _, err := tx.ExecContext(ctx, `INSERT INTO `+q+`.chain_seals (id, events, audit_rows, prev_digest, digest) VALUES ($1, $2, $3, $4, $5)`,
 		b.sealID, len(hStreams), len(aIDs), prevDigest, digest); err != nil {
@@ -1033,23 +1067,24 @@ func sealBatch(ctx context.Context, tx *sqlx.Tx, q, after, only string) (batchRe
 	const chunk = 5000
 	for i := 0; i < len(hStreams); i += chunk {
 		j := min(i+chunk, len(hStreams))
-		if _, err := tx.ExecContext(ctx, `INSERT INTO `+q+`.event_hashes (stream_id, version, hash, seal_id)
-			SELECT sid, v, h, $4 FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS u(sid, v, h)`,
-			pq.StringArray(hStreams[i:j]), pq.Int64Array(hVersions[i:j]), pq.ByteaArray(hHashes[i:j]), b.sealID); err != nil {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO `+q+`.event_hashes (tenant_id, stream_id, version, hash, seal_id)
+			SELECT tid, sid, v, h, $5 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[]) AS u(tid, sid, v, h)`,
+			pq.StringArray(hTenants[i:j]), pq.StringArray(hStreams[i:j]), pq.Int64Array(hVersions[i:j]), pq.ByteaArray(hHashes[i:j]), b.sealID); err != nil {
 			return b, err
 		}
 	}
 	if len(spans) > 0 {
+		tenants := make([]string, len(spans))
 		ids := make([]string, len(spans))
 		versions := make([]int64, len(spans))
 		hashes := make([][]byte, len(spans))
 		for i, s := range spans {
-			ids[i], versions[i], hashes[i] = s.streamID, s.last, s.head
+			tenants[i], ids[i], versions[i], hashes[i] = s.tenant, s.streamID, s.last, s.head
 		}
-		if _, err := tx.ExecContext(ctx, `INSERT INTO `+q+`.chain_heads (stream_id, version, hash)
-			SELECT sid, v, h FROM unnest($1::text[], $2::bigint[], $3::bytea[]) AS u(sid, v, h)
-			ON CONFLICT (stream_id) DO UPDATE SET version = EXCLUDED.version, hash = EXCLUDED.hash`,
-			pq.StringArray(ids), pq.Int64Array(versions), pq.ByteaArray(hashes)); err != nil {
+		if _, err := tx.ExecContext(ctx, `INSERT INTO `+q+`.chain_heads (tenant_id, stream_id, version, hash)
+			SELECT tid, sid, v, h FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bytea[]) AS u(tid, sid, v, h)
+			ON CONFLICT (tenant_id, stream_id) DO UPDATE SET version = EXCLUDED.version, hash = EXCLUDED.hash`,
+			pq.StringArray(tenants), pq.StringArray(ids), pq.Int64Array(versions), pq.ByteaArray(hashes)); err != nil {
 			return b, err
 		}
 	}
@@ -1094,6 +1129,7 @@ const (
 // VerifyProblem is one thing Verify found wrong.
 type VerifyProblem struct {
 	Kind     string `json:"kind"`
+	Tenant   string `json:"tenant,omitempty"`
 	StreamID string `json:"stream_id,omitempty"`
 	Version  int64  `json:"version,omitempty"`
 	AuditID  int64  `json:"audit_id,omitempty"`
@@ -1104,6 +1140,8 @@ type VerifyProblem struct {
 func (p VerifyProblem) String() string {
 	var where string
 	switch {
+	case p.StreamID != "" && p.Tenant != "":
+		where = fmt.Sprintf(" %q v%d of tenant %q", p.StreamID, p.Version, p.Tenant)
 	case p.StreamID != "":
 		where = fmt.Sprintf(" %q v%d", p.StreamID, p.Version)
 	case p.AuditID != 0:
@@ -1175,7 +1213,7 @@ func VerifyHistory(ctx context.Context, db *sqlx.DB, schema string, opts VerifyO
 	if err := ValidateSchema(schema); err != nil {
 		return r, err
 	}
-	if err := refuseTenancy(ctx, db, schema); err != nil {
+	if err := requireEveryTenant(ctx, db, schema); err != nil {
 		return r, err
 	}
 	var want []byte
@@ -1214,25 +1252,26 @@ func VerifyHistory(ctx context.Context, db *sqlx.DB, schema string, opts VerifyO
 // (stream, version) order.
 func verifyEvents(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) error {
 	rows, err := tx.QueryContext(ctx, `
-		SELECT coalesce(h.stream_id, x.stream_id) AS sid, coalesce(h.version, x.version) AS ver, h.hash,
+		SELECT coalesce(h.tenant_id, x.tenant_id) AS tid, coalesce(h.stream_id, x.stream_id) AS sid,
+		       coalesce(h.version, x.version) AS ver, h.hash,
 		       x.src, x.category, x.event_id, x.event_type, x.content_type, x.data, x.meta, x.micros,
 		       s.version, r.state, r.version
 		FROM `+q+`.event_hashes h
 		FULL JOIN (
-		  SELECT 0 AS src, `+chainEventCols+` FROM `+q+`.events WHERE tenant_id = ''
+		  SELECT 0 AS src, `+chainEventCols+` FROM `+q+`.events
 		  UNION ALL
-		  SELECT 1, `+chainEventCols+` FROM `+q+`.archived_events WHERE tenant_id = ''
-		) x (src, stream_id, version, category, event_id, event_type, content_type, data, meta, micros)
-		  ON x.stream_id = h.stream_id AND x.version = h.version
-		LEFT JOIN `+q+`.streams s ON s.tenant_id = '' AND s.stream_id = coalesce(h.stream_id, x.stream_id)
-		LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = '' AND r.stream_id = coalesce(h.stream_id, x.stream_id)
-		ORDER BY 1, 2, x.src`)
+		  SELECT 1, `+chainEventCols+` FROM `+q+`.archived_events
+		) x (src, tenant_id, stream_id, version, category, event_id, event_type, content_type, data, meta, micros)
+		  ON x.tenant_id = h.tenant_id AND x.stream_id = h.stream_id AND x.version = h.version
+		LEFT JOIN `+q+`.streams s ON s.tenant_id = coalesce(h.tenant_id, x.tenant_id) AND s.stream_id = coalesce(h.stream_id, x.stream_id)
+		LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = coalesce(h.tenant_id, x.tenant_id) AND r.stream_id = coalesce(h.stream_id, x.stream_id)
+		ORDER BY 1, 2, 3, x.src`)
 	if err != nil {
 		return err
 	}
 	defer rows.Close()
 	var (
-		sid        string
+		tid, sid   string
 		first      = true
 		lastV      int64  // the last version seen of the stream
 		lastHashed int64  // the last version with a hash row
@@ -1244,12 +1283,12 @@ func verifyEvents(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) e
 		if first || tomb || limit < 0 || lastV >= limit {
 			return
 		}
-		r.add(VerifyProblem{Kind: ProblemDeleted, StreamID: sid, Version: lastV + 1,
+		r.add(VerifyProblem{Kind: ProblemDeleted, Tenant: tid, StreamID: sid, Version: lastV + 1,
 			Detail: fmt.Sprintf("the stream is at version %d but versions %d..%d are in neither the log nor the archive", limit, lastV+1, limit)})
 	}
 	for rows.Next() {
 		var (
-			rowSID              string
+			rowTID, rowSID      string
 			ver                 int64
 			stored              []byte
 			src                 sql.NullInt64
@@ -1262,13 +1301,13 @@ func verifyEvents(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) e
 			data                []byte
 			hasEvent, hasHashed bool
 		)
-		if err := rows.Scan(&rowSID, &ver, &stored, &src, &category, &id, &typ, &ctype, &data, &meta, &micros,
+		if err := rows.Scan(&rowTID, &rowSID, &ver, &stored, &src, &category, &id, &typ, &ctype, &data, &meta, &micros,
 			&sVersion, &rState, &rVersion); err != nil {
 			return err
 		}
-		if first || rowSID != sid {
+		if first || rowTID != tid || rowSID != sid {
 			endStream()
-			sid, first, lastV, lastHashed, prev = rowSID, false, 0, 0, zeroHash
+			tid, sid, first, lastV, lastHashed, prev = rowTID, rowSID, false, 0, 0, zeroHash
 			limit = -1
 			switch {
 			case rVersion.Valid:
@@ -1278,22 +1317,22 @@ func verifyEvents(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) e
 			}
 			tomb = rState.String == string(StreamTombstoned)
 		} else if ver == lastV {
-			r.add(VerifyProblem{Kind: ProblemOutOfChain, StreamID: sid, Version: ver, Detail: "the event is in both the log and the archive"})
+			r.add(VerifyProblem{Kind: ProblemOutOfChain, Tenant: tid, StreamID: sid, Version: ver, Detail: "the event is in both the log and the archive"})
 			continue
 		}
 		hasEvent, hasHashed = src.Valid, stored != nil
 		misplaced := false // reported already as out of chain
 		if hasEvent {
-			e = chainEvent{streamID: rowSID, version: ver, category: category.String, eventID: id.String, typ: typ.String,
+			e = chainEvent{tenant: rowTID, streamID: rowSID, version: ver, category: category.String, eventID: id.String, typ: typ.String,
 				contentType: ctype.String, data: data, meta: meta.String, micros: micros.Int64}
 			misplaced = true
 			switch {
 			case tomb:
-				r.add(VerifyProblem{Kind: ProblemOutOfChain, StreamID: sid, Version: ver, Detail: "an event of a tombstoned stream"})
+				r.add(VerifyProblem{Kind: ProblemOutOfChain, Tenant: tid, StreamID: sid, Version: ver, Detail: "an event of a tombstoned stream"})
 			case limit < 0:
-				r.add(VerifyProblem{Kind: ProblemOutOfChain, StreamID: sid, Version: ver, Detail: "an event of a stream that has no streams row"})
+				r.add(VerifyProblem{Kind: ProblemOutOfChain, Tenant: tid, StreamID: sid, Version: ver, Detail: "an event of a stream that has no streams row"})
 			case ver > limit:
-				r.add(VerifyProblem{Kind: ProblemOutOfChain, StreamID: sid, Version: ver,
+				r.add(VerifyProblem{Kind: ProblemOutOfChain, Tenant: tid, StreamID: sid, Version: ver,
 					Detail: fmt.Sprintf("version %d is past the stream's version %d: no append wrote it", ver, limit)})
 			default:
 				misplaced = false
@@ -1302,21 +1341,21 @@ func verifyEvents(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) e
 		if hasHashed {
 			r.SealedEvents++
 			if ver != lastHashed+1 {
-				r.add(VerifyProblem{Kind: ProblemChainBroken, StreamID: sid, Version: lastHashed + 1,
+				r.add(VerifyProblem{Kind: ProblemChainBroken, Tenant: tid, StreamID: sid, Version: lastHashed + 1,
 					Detail: fmt.Sprintf("the hashes of versions %d..%d are missing", lastHashed+1, ver-1)})
 				prev = nil
 			}
 			switch {
 			case hasEvent && !misplaced && prev != nil && !bytesEqual(e.hash(prev), stored):
-				r.add(VerifyProblem{Kind: ProblemChanged, StreamID: sid, Version: ver, Detail: "the event differs from what was sealed"})
+				r.add(VerifyProblem{Kind: ProblemChanged, Tenant: tid, StreamID: sid, Version: ver, Detail: "the event differs from what was sealed"})
 			case !hasEvent && !tomb:
-				r.add(VerifyProblem{Kind: ProblemDeleted, StreamID: sid, Version: ver, Detail: "a sealed event is in neither the log nor the archive"})
+				r.add(VerifyProblem{Kind: ProblemDeleted, Tenant: tid, StreamID: sid, Version: ver, Detail: "a sealed event is in neither the log nor the archive"})
 			}
 			prev, lastHashed = stored, ver
 		} else if hasEvent {
 			r.UnsealedEvents++
 			if ver != lastV+1 && !misplaced {
-				r.add(VerifyProblem{Kind: ProblemOutOfChain, StreamID: sid, Version: ver,
+				r.add(VerifyProblem{Kind: ProblemOutOfChain, Tenant: tid, StreamID: sid, Version: ver,
 					Detail: fmt.Sprintf("versions %d..%d before it are in neither the log nor the archive", lastV+1, ver-1)})
 			}
 		}
@@ -1336,24 +1375,24 @@ func bytesEqual(a, b []byte) bool { return string(a) == string(b) }
 // meets.
 func verifyEmptyStreams(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) error {
 	rows, err := tx.QueryContext(ctx, `
-		SELECT s.stream_id, coalesce(r.version, s.version)
-		FROM `+q+`.streams s LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = '' AND r.stream_id = s.stream_id
-		WHERE s.tenant_id = '' AND coalesce(r.version, s.version) > 0 AND r.state IS DISTINCT FROM 'tombstoned'
-		  AND NOT EXISTS (SELECT 1 FROM `+q+`.events e WHERE e.tenant_id = '' AND e.stream_id = s.stream_id)
-		  AND NOT EXISTS (SELECT 1 FROM `+q+`.archived_events a WHERE a.tenant_id = '' AND a.stream_id = s.stream_id)
-		  AND NOT EXISTS (SELECT 1 FROM `+q+`.event_hashes h WHERE h.stream_id = s.stream_id)
-		ORDER BY 1`)
+		SELECT s.tenant_id, s.stream_id, coalesce(r.version, s.version)
+		FROM `+q+`.streams s LEFT JOIN `+q+`.retired_streams r ON r.tenant_id = s.tenant_id AND r.stream_id = s.stream_id
+		WHERE coalesce(r.version, s.version) > 0 AND r.state IS DISTINCT FROM 'tombstoned'
+		  AND NOT EXISTS (SELECT 1 FROM `+q+`.events e WHERE e.tenant_id = s.tenant_id AND e.stream_id = s.stream_id)
+		  AND NOT EXISTS (SELECT 1 FROM `+q+`.archived_events a WHERE a.tenant_id = s.tenant_id AND a.stream_id = s.stream_id)
+		  AND NOT EXISTS (SELECT 1 FROM `+q+`.event_hashes h WHERE h.tenant_id = s.tenant_id AND h.stream_id = s.stream_id)
+		ORDER BY 1, 2`)
 	if err != nil {
 		return err
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var sid string
+		var tid, sid string
 		var v int64
-		if err := rows.Scan(&sid, &v); err != nil {
+		if err := rows.Scan(&tid, &sid, &v); err != nil {
 			return err
 		}
-		r.add(VerifyProblem{Kind: ProblemDeleted, StreamID: sid, Version: 1,
+		r.add(VerifyProblem{Kind: ProblemDeleted, Tenant: tid, StreamID: sid, Version: 1,
 			Detail: fmt.Sprintf("the stream is at version %d but none of its events is in the log or the archive", v)})
 	}
 	return rows.Err()
@@ -1363,23 +1402,24 @@ func verifyEmptyStreams(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyRep
 // hash rows.
 func verifyHeads(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) error {
 	rows, err := tx.QueryContext(ctx, `
-		SELECT coalesce(c.stream_id, m.stream_id), coalesce(c.version, 0), coalesce(m.v, 0)
+		SELECT coalesce(c.tenant_id, m.tenant_id), coalesce(c.stream_id, m.stream_id), coalesce(c.version, 0), coalesce(m.v, 0)
 		FROM `+q+`.chain_heads c
-		FULL JOIN (SELECT stream_id, max(version) AS v FROM `+q+`.event_hashes GROUP BY stream_id) m ON m.stream_id = c.stream_id
-		LEFT JOIN `+q+`.event_hashes h ON h.stream_id = c.stream_id AND h.version = c.version
+		FULL JOIN (SELECT tenant_id, stream_id, max(version) AS v FROM `+q+`.event_hashes GROUP BY tenant_id, stream_id) m
+		  ON m.tenant_id = c.tenant_id AND m.stream_id = c.stream_id
+		LEFT JOIN `+q+`.event_hashes h ON h.tenant_id = c.tenant_id AND h.stream_id = c.stream_id AND h.version = c.version
 		WHERE m.v IS DISTINCT FROM c.version OR h.hash IS DISTINCT FROM c.hash
-		ORDER BY 1`)
+		ORDER BY 1, 2`)
 	if err != nil {
 		return err
 	}
 	defer rows.Close()
 	for rows.Next() {
-		var sid string
+		var tid, sid string
 		var head, last int64
-		if err := rows.Scan(&sid, &head, &last); err != nil {
+		if err := rows.Scan(&tid, &sid, &head, &last); err != nil {
 			return err
 		}
-		r.add(VerifyProblem{Kind: ProblemChainBroken, StreamID: sid, Version: head,
+		r.add(VerifyProblem{Kind: ProblemChainBroken, Tenant: tid, StreamID: sid, Version: head,
 			Detail: fmt.Sprintf("the recorded head of the chain (version %d) does not match its last hash (version %d)", head, last)})
 	}
 	return rows.Err()
@@ -1458,25 +1498,26 @@ func verifySeals(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) er
 	if err := rows.Err(); err != nil {
 		return err
 	}
-	// Each seal's spans, in byte order of stream id as Seal wrote them.
+	// Each seal's spans, in byte order of tenant and stream id as Seal
+	// wrote them.
 	rows, err = tx.QueryContext(ctx, `
-		SELECT h.seal_id, h.stream_id, min(h.version), max(h.version), count(*),
+		SELECT h.seal_id, h.tenant_id, h.stream_id, min(h.version), max(h.version), count(*),
 		       (array_agg(h.hash ORDER BY h.version DESC))[1]
-		FROM `+q+`.event_hashes h GROUP BY h.seal_id, h.stream_id
-		ORDER BY h.seal_id, h.stream_id COLLATE "C"`)
+		FROM `+q+`.event_hashes h GROUP BY h.seal_id, h.tenant_id, h.stream_id
+		ORDER BY h.seal_id, h.tenant_id COLLATE "C", h.stream_id COLLATE "C"`)
 	if err != nil {
 		return err
 	}
 	for rows.Next() {
 		var sealID, n int64
 		var sp sealSpan
-		if err := rows.Scan(&sealID, &sp.streamID, &sp.first, &sp.last, &n, &sp.head); err != nil {
+		if err := rows.Scan(&sealID, &sp.tenant, &sp.streamID, &sp.first, &sp.last, &n, &sp.head); err != nil {
 			rows.Close()
 			return err
 		}
 		s := byID[sealID]
 		if s == nil {
-			r.add(VerifyProblem{Kind: ProblemSeal, SealID: sealID, StreamID: sp.streamID, Version: sp.first, Detail: "hashes of a seal that does not exist"})
+			r.add(VerifyProblem{Kind: ProblemSeal, SealID: sealID, Tenant: sp.tenant, StreamID: sp.streamID, Version: sp.first, Detail: "hashes of a seal that does not exist"})
 			continue
 		}
 		s.spans = append(s.spans, sp)

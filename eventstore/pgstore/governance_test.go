@@ -438,8 +438,13 @@ func kinds(problems []pgstore.VerifyProblem) []string {
 	var out []string
 	for _, p := range problems {
 		s := p.Kind
+		if p.Tenant != "" {
+			s += " " + p.Tenant + ":"
+		} else if p.StreamID != "" {
+			s += " "
+		}
 		if p.StreamID != "" {
-			s += fmt.Sprintf(" %s v%d", p.StreamID, p.Version)
+			s += fmt.Sprintf("%s v%d", p.StreamID, p.Version)
 		}
 		out = append(out, s)
 	}

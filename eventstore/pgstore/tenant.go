@@ -91,10 +91,11 @@ func (pool) StmtContext(_ context.Context, st *sql.Stmt) *sql.Stmt { return st }
 var tenantTables = []string{"streams", "events", "snapshots", "projection_checkpoints", "projection_dead_letters",
 	"archived_events", "retired_streams"}
 
-// ErrTenancyEnabled is returned by the operations that do not yet work per
-// tenant (the hash chain's Seal and Verify) on a schema where EnableTenancy
-// has turned row-level security on, or that holds streams of a tenant.
-var ErrTenancyEnabled = errors.New("pgstore: seal and verify do not work per tenant yet, and the schema holds tenants' streams or has row-level security on")
+// ErrNeedsEveryTenant is returned by Seal and VerifyHistory when row-level
+// security (EnableTenancy) hides some tenants' rows from the role: the hash
+// chain covers every tenant, so they run as a superuser or a role with
+// BYPASSRLS, like a backup does.
+var ErrNeedsEveryTenant = errors.New("pgstore: seal and verify read every tenant's events, and row-level security hides some of them from this role: run them as a superuser or a role with BYPASSRLS")
 
 // EnableTenancy turns on row-level security, FORCEd so that the tables'
 // owner is held to it as well, on every stele table that carries a tenant
@@ -178,19 +179,17 @@ func qualifiedTable(schema, table string) (string, error) {
 	return quoteIdent(sch) + "." + quoteIdent(name), nil
 }
 
-// refuseTenancy returns ErrTenancyEnabled if the schema has row-level
-// security on its events or holds any tenant's stream: the operations that
-// call it name streams by id alone.
-func refuseTenancy(ctx context.Context, q sqlx.QueryerContext, schema string) error {
-	var inUse bool
-	err := q.QueryRowxContext(ctx, `SELECT (SELECT relrowsecurity FROM pg_class WHERE oid = $1::regclass)
-		OR EXISTS (SELECT 1 FROM `+quoteIdent(schema)+`.streams WHERE tenant_id > '')`,
-		quoteIdent(schema)+".events").Scan(&inUse)
+// requireEveryTenant returns ErrNeedsEveryTenant if row-level security
+// applies to this role on the schema's events or archive.
+func requireEveryTenant(ctx context.Context, q sqlx.QueryerContext, schema string) error {
+	var held bool
+	err := q.QueryRowxContext(ctx, `SELECT row_security_active($1::regclass) OR row_security_active($2::regclass)`,
+		quoteIdent(schema)+".events", quoteIdent(schema)+".archived_events").Scan(&held)
 	if err != nil {
-		return fmt.Errorf("pgstore: checking for tenants in %s: %w", schema, err)
+		return fmt.Errorf("pgstore: checking row-level security in %s: %w", schema, err)
 	}
-	if inUse {
-		return ErrTenancyEnabled
+	if held {
+		return ErrNeedsEveryTenant
 	}
 	return nil
 }
