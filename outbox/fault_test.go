@@ -284,8 +284,11 @@ func TestPausedRelayPublishesNothingAfterTakeover(t *testing.T) {
 			}
 		}
 	}
+	// B renews its lease when half of it is left; the other half must cover
+	// a slow renewal on a loaded machine, or A (waiting for the lease once
+	// awake) takes it back legitimately and the test sees A publish.
 	cfg := outbox.Config{Name: "fenced", DB: db, Schema: schema, BatchSize: 10, Lanes: 1,
-		LeaseTTL: 200 * time.Millisecond, LeaseRetry: 10 * time.Millisecond}
+		LeaseTTL: 2 * time.Second, LeaseRetry: 10 * time.Millisecond}
 
 	pubA := &countingPublisher{Publisher: pubsub}
 	cfgA := cfg

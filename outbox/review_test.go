@@ -67,8 +67,9 @@ func (p *rvPublisher) counts() (total, unique int) {
 }
 
 // rvAppend appends n events to stream in one transaction (so a relay sees
-// them in one page) and waits until the feed shows them.
-func rvAppend(t *testing.T, store eventstore.Store, stream string, n int) {
+// them in one page), waits until the feed shows them, and returns the last
+// one's position.
+func rvAppend(t *testing.T, store eventstore.Store, stream string, n int) eventstore.Position {
 	t.Helper()
 	ctx := context.Background()
 	data := make([]eventstore.EventData, n)
@@ -82,6 +83,7 @@ func rvAppend(t *testing.T, store eventstore.Store, stream string, n int) {
 	if err := eventstore.WaitForPosition(ctx, store, res.LastPosition); err != nil {
 		t.Fatal(err)
 	}
+	return res.LastPosition
 }
 
 // alternateTopics sends a stream's odd and even versions to two topics, so
@@ -293,18 +295,19 @@ func TestReviewReadStatusSingleCategoryBacklog(t *testing.T) {
 	db := testdb.Open(t, "postgres")
 	pub := &rvPublisher{}
 	rvAppend(t, store, "order-1", 3)
-	rvAppend(t, store, "user-1", 2)
+	last := rvAppend(t, store, "user-1", 2)
 	r, err := outbox.NewRelay(store, outbox.Config{Name: "orders", Publisher: pub, DB: db, Schema: schema,
 		Categories: []string{"order"}})
 	if err != nil {
 		t.Fatal(err)
 	}
 	runRelay(t, r)
-	wait.Until(t, "the relay caught up", func() bool {
+	// The checkpoint moves past the other category's events in a commit of
+	// its own, after the page's: wait for it, not for a fixed time.
+	wait.Until(t, "the relay caught up past the other category", func() bool {
 		st, err := r.Status(ctx)
-		return err == nil && st.Published == 3 && st.Backlog == 0
+		return err == nil && st.Published == 3 && st.Backlog == 0 && st.Checkpoint == last
 	})
-	time.Sleep(100 * time.Millisecond) // several idle polls
 	sts, err := outbox.ReadStatus(ctx, store, db, schema, "orders")
 	if err != nil {
 		t.Fatal(err)
@@ -334,12 +337,14 @@ func TestReviewReadStatusIgnoresFrom(t *testing.T) {
 		t.Fatal(err)
 	}
 	runRelay(t, r)
-	wait.Until(t, "the lease", func() bool { st, err := r.Status(ctx); return err == nil && st.Epoch == 1 })
+	// The relay records From in a statement of its own, after the one that
+	// took the lease: wait for both, as a status reader sees them.
+	var sts []outbox.Status
+	wait.Until(t, "the lease and From recorded", func() bool {
+		sts, err = outbox.ReadStatus(ctx, store, db, schema, "fromnow")
+		return err == nil && len(sts) == 1 && sts[0].Epoch == 1 && sts[0].Checkpoint == head
+	})
 	own, _ := r.Status(ctx)
-	sts, err := outbox.ReadStatus(ctx, store, db, schema, "fromnow")
-	if err != nil {
-		t.Fatal(err)
-	}
 	t.Logf("Relay.Status: checkpoint %s backlog %d; ReadStatus: checkpoint %s backlog %d", own.Checkpoint, own.Backlog, sts[0].Checkpoint, sts[0].Backlog)
 	if sts[0].Backlog != own.Backlog {
 		t.Errorf("ReadStatus reports a backlog of %d for a relay started at the head (Relay.Status: %d)", sts[0].Backlog, own.Backlog)

@@ -344,6 +344,7 @@ func TestTakeover(t *testing.T) {
 	wait.Until(t, "the first runner to take the lease", func() bool { st, _ := first.Status(ctx); return st.State == projection.StateRunning })
 	second.Start(ctx)
 	defer second.Stop(ctx)
+	wait.Until(t, "the second runner to wait for the lease", func() bool { st, _ := second.Status(ctx); return st.State == projection.StateWaiting })
 	last := appendN(t, store, "acct", 50)
 	wait.Until(t, "the first runner to handle 50", func() bool { st, _ := first.Status(ctx); return st.Position == last })
 	if st, _ := second.Status(ctx); st.State != projection.StateWaiting || handledBy[1].Load() != 0 {

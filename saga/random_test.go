@@ -1175,6 +1175,10 @@ func (f *rndFuzz) check(sh *rndShape, i int, in *saga.Instance) (perturbed, orph
 			// outlived the attempt) or the action's context running out.
 			timedOut := strings.HasPrefix(h.Detail, "deadline passed") || strings.HasSuffix(h.Detail, context.DeadlineExceeded.Error())
 			switch o := f.plan.outcome(i, s, h.Compensating, h.Attempt); {
+			case o == rndTransient && timedOut && !h.Compensating && h.Attempt == rndMaxAttempts && sh.comp[s]:
+				// A last attempt that would have answered, cut short: the
+				// step is now uncertain, and compensated, as the plan is not.
+				perturbed = true
 			case o == rndPermanent && strings.HasPrefix(h.Detail, "planned permanent"),
 				o == rndTransient && (strings.HasPrefix(h.Detail, "planned transient") || timedOut),
 				o == rndHang && timedOut:
@@ -1233,6 +1237,14 @@ func (f *rndFuzz) check(sh *rndShape, i int, in *saga.Instance) (perturbed, orph
 			bad("step %d compensated as uncertain, but its last attempt did not time out", in.Uncertain)
 		}
 		reverse = append([]int{in.Uncertain}, reverse...)
+	} else if f := len(in.Completed); compensating > 0 && f < len(sh.steps) && sh.comp[f] {
+		// And the converse, where the plan does not decide the end: a
+		// failing step with a compensation whose last attempt timed out
+		// (the runner's deadline, or its context's) is compensated.
+		if fs := failures[stepKey{f, false}]; len(fs) > 0 && (strings.HasPrefix(fs[len(fs)-1].Detail, "deadline passed") ||
+			strings.HasSuffix(fs[len(fs)-1].Detail, context.DeadlineExceeded.Error())) {
+			bad("step %d failed for good by timing out, but is not compensated as uncertain", f)
+		}
 	}
 	if len(undone) > len(reverse) || !slices.Equal(undone, reverse[:len(undone)]) {
 		bad("compensations %v, not the uncertain step (%d) then the completed steps %v in reverse", undone, in.Uncertain, in.Completed)

@@ -673,7 +673,13 @@ func (r *Runner) decide(ctx context.Context, in *Instance, md eventstore.Metadat
 	}
 	step := in.Current
 	if in.AbortReason != "" && !compensating && !in.InFlight {
-		return one(emit(TypeCompensating, record{Reason: in.AbortReason}))
+		rec := record{Reason: in.AbortReason}
+		if step >= 0 && in.timedOut && r.def.Steps[step].Compensation.defined() {
+			// The step's attempt timed out, and the abort makes it the
+			// last: it may have acted, as when it runs out of attempts.
+			rec.Step, rec.StepName, rec.Uncertain = step, r.def.Steps[step].Name, true
+		}
+		return one(emit(TypeCompensating, rec))
 	}
 	if step < 0 { // nothing under way: what comes next?
 		if !compensating {
@@ -706,7 +712,7 @@ func (r *Runner) decide(ctx context.Context, in *Instance, md eventstore.Metadat
 	}
 	switch {
 	case in.InFlight && !now.Before(in.Deadline):
-		return r.failure(in, step, compensating, in.Attempt, fmt.Errorf("%w (%s)", ErrDeadline, r.def.timeout(step)), emit), time.Time{}, nil, nil
+		return r.failure(in, step, compensating, in.Attempt, fmt.Errorf("%w (%s)", ErrDeadline, r.def.timeout(step)), true, emit), time.Time{}, nil, nil
 	case in.InFlight && action.do != nil:
 		// Started by a runner that did not record the outcome (it died, or
 		// another runner is at it): run it again, with the same key.
@@ -744,7 +750,8 @@ func (r *Runner) startAttempt(ctx context.Context, in *Instance, step int, compe
 			err = bus.Permanent(errors.New("building the command: no topic"))
 		}
 		if err != nil {
-			return r.failure(in, step, compensating, attempt, err, emit), time.Time{}, nil, nil
+			// Nothing was recorded or sent: an answer, whatever the error.
+			return r.failure(in, step, compensating, attempt, err, false, emit), time.Time{}, nil, nil
 		}
 		rec.Topic, rec.Payload, rec.Metadata = topic, msg.Payload, map[string]string{}
 		for k, v := range msg.Metadata {
@@ -779,7 +786,7 @@ func (r *Runner) runLocal(ctx context.Context, in *Instance, step int, compensat
 	}
 	var next []eventstore.EventData
 	if err != nil {
-		next = r.failure(in, step, compensating, attempt, err, emit)
+		next = r.failure(in, step, compensating, attempt, err, errors.Is(err, ErrDeadline) || errors.Is(err, context.DeadlineExceeded), emit)
 	} else {
 		next = []eventstore.EventData{emit(TypeStepSucceeded, record{Step: step, StepName: r.def.Steps[step].Name,
 			Compensating: compensating, Attempt: attempt, Output: out})}
@@ -802,10 +809,14 @@ func (r *Runner) runLocal(ctx context.Context, in *Instance, step int, compensat
 
 // failure records a failed attempt, and what follows: a retry later, or
 // compensation (for a step), or needs-attention (for a compensation).
-func (r *Runner) failure(in *Instance, step int, compensating bool, attempt int, cause error, emit emitFunc) []eventstore.EventData {
+// timedOut says the attempt ended without an answer (its deadline passed,
+// or a local action gave up on its context's).
+func (r *Runner) failure(in *Instance, step int, compensating bool, attempt int, cause error, timedOut bool, emit emitFunc) []eventstore.EventData {
 	policy := r.def.retry(step)
 	rec := record{Step: step, StepName: r.def.Steps[step].Name, Compensating: compensating, Attempt: attempt,
 		Error: cause.Error(), Permanent: bus.IsPermanent(cause)}
+	// A permanent error is an answer, even one that wraps a timeout.
+	rec.TimedOut = timedOut && !rec.Permanent && !compensating
 	if !rec.Permanent && attempt < policy.MaxAttempts {
 		rec.RetryAt = r.cfg.Clock().Add(policy.delay(attempt, rand.Float64()))
 		return []eventstore.EventData{emit(TypeStepFailed, rec)}
@@ -824,8 +835,7 @@ func (r *Runner) failure(in *Instance, step int, compensating bool, attempt int,
 	// A step that timed out may have acted (a command delivered, its reply
 	// lost): it is compensated too, first. A refusal or an error it
 	// reported is an answer, and leaves it out.
-	uncertain := !rec.Permanent && (errors.Is(cause, ErrDeadline) || errors.Is(cause, context.DeadlineExceeded)) &&
-		r.def.Steps[step].Compensation.defined()
+	uncertain := rec.TimedOut && r.def.Steps[step].Compensation.defined()
 	if uncertain {
 		why += " (no answer, so it may have acted: its compensation runs first)"
 	}
@@ -928,7 +938,7 @@ func (r *Runner) onReply(ctx context.Context, msg *message.Message) error {
 				// outcome. A success to any attempt completes the step.
 				return nil
 			}
-			next = r.failure(in, step, compensating, in.Attempt, rerr, emit)
+			next = r.failure(in, step, compensating, in.Attempt, rerr, false, emit)
 		} else {
 			next = []eventstore.EventData{emit(TypeStepSucceeded, record{Step: step, StepName: r.def.Steps[step].Name,
 				Compensating: compensating, Attempt: in.Attempt, Output: msg.Payload})}

@@ -52,6 +52,7 @@ type record struct {
 	RetryAt      time.Time       `json:"retry_at,omitzero"` // step_failed: when the next attempt may start (zero: none)
 	Permanent    bool            `json:"permanent,omitempty"`
 	Uncertain    bool            `json:"uncertain,omitempty"` // compensating: the failed step's outcome is unknown
+	TimedOut     bool            `json:"timed_out,omitempty"` // step_failed (of a step): the attempt ended without an answer
 	Error        string          `json:"error,omitempty"`
 	Output       []byte          `json:"output,omitempty"`
 	Reason       string          `json:"reason,omitempty"`
@@ -106,6 +107,9 @@ type Instance struct {
 	History         []HistoryEntry
 
 	traceParent, traceState string // of the starting event
+	// timedOut: the last attempt of the step under way (Current) failed
+	// without an answer, so it may have acted.
+	timedOut bool
 }
 
 // fold builds an Instance from a saga's events.
@@ -136,6 +140,7 @@ func (in *Instance) apply(e eventstore.Event) error {
 		}
 	case TypeStepStarted:
 		in.Current, in.Attempt, in.InFlight, in.Deadline, in.RetryAt = r.Step, r.Attempt, true, r.Deadline, time.Time{}
+		in.timedOut = false
 		h.Detail = "deadline " + r.Deadline.Format(time.RFC3339Nano)
 	case TypeStepSucceeded:
 		h.Detail = string(r.Output)
@@ -151,7 +156,7 @@ func (in *Instance) apply(e eventstore.Event) error {
 		}
 		in.Current, in.Attempt = -1, 0
 	case TypeStepFailed:
-		in.InFlight, in.RetryAt, in.LastError = false, r.RetryAt, r.Error
+		in.InFlight, in.RetryAt, in.LastError, in.timedOut = false, r.RetryAt, r.Error, r.TimedOut
 		h.Detail = r.Error
 	case TypeCompensating:
 		in.Status, in.FailedReason, in.Uncertain = Compensating, r.Reason, -1

@@ -9,6 +9,7 @@ import (
 	"github.com/stele-dev/stele/eventstore"
 	"github.com/stele-dev/stele/eventstore/pgstore"
 	"github.com/stele-dev/stele/internal/testdb"
+	"github.com/stele-dev/stele/internal/testsvc"
 )
 
 // Open a database, migrate, and append events in the same transaction as a
@@ -18,8 +19,7 @@ func ExampleStore_AppendTx() {
 	ctx := context.Background()
 	db := sqlx.MustOpen("postgres", testdb.DSN()) // lib/pq; "pgx" works the same
 	defer db.Close()
-	const schema = "example_appendtx"
-	db.MustExec(`DROP SCHEMA IF EXISTS ` + schema + ` CASCADE`)
+	schema := testsvc.Name("example_appendtx_") // of this run's own: the server is shared
 	defer db.MustExec(`DROP SCHEMA ` + schema + ` CASCADE`)
 
 	if _, err := pgstore.Migrate(ctx, db, schema); err != nil {
@@ -61,8 +61,7 @@ func ExampleStore_ForTenant() {
 	ctx := context.Background()
 	db := sqlx.MustOpen("postgres", testdb.DSN())
 	defer db.Close()
-	const schema = "example_tenants"
-	db.MustExec(`DROP SCHEMA IF EXISTS ` + schema + ` CASCADE`)
+	schema := testsvc.Name("example_tenants_") // of this run's own: the server is shared
 	defer db.MustExec(`DROP SCHEMA ` + schema + ` CASCADE`)
 	if _, err := pgstore.Migrate(ctx, db, schema); err != nil {
 		panic(err)

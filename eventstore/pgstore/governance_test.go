@@ -137,7 +137,9 @@ func TestArchiveRetentionTombstoneKeepOtherStreamsIntact(t *testing.T) {
 		}
 	}
 	// Some user events are newer than the others, for the age limit.
-	time.Sleep(600 * time.Millisecond)
+	const gap = 600 * time.Millisecond
+	time.Sleep(gap)
+	lateFrom := time.Now()
 	for _, s := range []string{"user-1", "user-2"} {
 		govAppend(t, store, s, 1)
 		counts[s]++
@@ -185,8 +187,12 @@ func TestArchiveRetentionTombstoneKeepOtherStreamsIntact(t *testing.T) {
 	if err != nil || again.Events != 0 || again.AuditID != 0 {
 		t.Fatalf("retention again: %+v, %v", again, err)
 	}
-	// By age: everything but the two late user events is older than 400ms.
-	aged, err := pgstore.ApplyRetention(ctx, db, schema, "bob", pgstore.RetentionPolicy{Category: "user", MaxAge: 400 * time.Millisecond})
+	// By age: everything but the two late user events is older than the
+	// cut, halfway through the gap before them. The age is counted from now:
+	// the steps since the late appends (above all the wait for the feed) can
+	// take longer than any fixed age on a loaded server.
+	maxAge := time.Since(lateFrom) + gap/2
+	aged, err := pgstore.ApplyRetention(ctx, db, schema, "bob", pgstore.RetentionPolicy{Category: "user", MaxAge: maxAge})
 	if err != nil || aged.Streams != 12 || aged.Events != 36 || aged.OlderThan.IsZero() {
 		t.Fatalf("retention by age: %+v, %v", aged, err)
 	}

@@ -92,9 +92,13 @@ func TestDemoOverBrokers(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			testsvc.Require(t, c.name, c.addr)
-			// The topic's name is fixed: start from nothing, leave nothing.
-			dropPublicTopic(c.name)
-			t.Cleanup(func() { dropPublicTopic(c.name) })
+			// A topic (and so an exchange, queue or stream) of this run's
+			// own: another run on the same broker must not share the
+			// statements group's queue, nor delete it.
+			topic := testsvc.Name("bank.public.")
+			defer func(was string) { PublicTopic = was }(PublicTopic)
+			PublicTopic = topic
+			t.Cleanup(func() { dropPublicTopic(c.name, topic) })
 			store, snaps := pgBackend(t, "postgres")
 			want := strings.Replace(wantDemo, "over the gochannel bus", "over the "+c.name+" bus", 1)
 			checkDemoOver(t, store, snaps, c.cfg, want)
@@ -585,7 +589,7 @@ func dump(nodes []node) string {
 
 // dropPublicTopic removes the bank's topic from a shared broker: its NATS
 // stream, or its RabbitMQ exchange and the statements queue.
-func dropPublicTopic(kind string) {
+func dropPublicTopic(kind, topic string) {
 	switch kind {
 	case "nats":
 		nc, err := nats.Connect(testsvc.NATSURL)
@@ -594,7 +598,7 @@ func dropPublicTopic(kind string) {
 		}
 		defer nc.Close()
 		if js, err := nc.JetStream(); err == nil {
-			_ = js.DeleteStream(broker.NATSStreamName(PublicTopic))
+			_ = js.DeleteStream(broker.NATSStreamName(topic))
 		}
 	case "amqp":
 		conn, err := amqp091.Dial(testsvc.AMQPURL)
@@ -603,8 +607,8 @@ func dropPublicTopic(kind string) {
 		}
 		defer conn.Close()
 		if ch, err := conn.Channel(); err == nil {
-			_, _ = ch.QueueDelete(broker.AMQPQueueName(PublicTopic, "statements"), false, false, false)
-			_ = ch.ExchangeDelete(PublicTopic, false, false)
+			_, _ = ch.QueueDelete(broker.AMQPQueueName(topic, "statements"), false, false, false)
+			_ = ch.ExchangeDelete(topic, false, false)
 		}
 	}
 }
