@@ -670,9 +670,10 @@ func RecordMigration(ctx context.Context, db *sqlx.DB, schema, actor string, res
 
 // The hash of event v of a stream is SHA-256 over a domain tag, the hash of
 // event v-1 (32 zero bytes for v = 1), and the event's stored fields, each
-// length-prefixed: stream id, category, version, event id, type, content
-// type, data, metadata (as jsonb's canonical text) and recorded_at (Unix
-// microseconds). The feed position and transaction id are left out: a
+// length-prefixed: the tenant (only for a tenant other than ”, whose events
+// hash under eventTenantHashTag), stream id, category, version, event id,
+// type, content type, data, metadata (as jsonb's canonical text) and
+// recorded_at (Unix microseconds). The feed position and transaction id are left out: a
 // restore repair may legitimately renumber them.
 const (
 	eventHashTag = "stele.event.v1"
@@ -846,9 +847,6 @@ func Seal(ctx context.Context, db *sqlx.DB, schema string) (SealResult, error) {
 	if err := ValidateSchema(schema); err != nil {
 		return SealResult{}, err
 	}
-	if err := requireEveryTenant(ctx, db, schema); err != nil {
-		return SealResult{}, err
-	}
 	q := quoteIdent(schema)
 	var res SealResult
 	var after streamKey
@@ -858,7 +856,12 @@ func Seal(ctx context.Context, db *sqlx.DB, schema string) (SealResult, error) {
 			return res, fmt.Errorf("pgstore: sealing: %w", err)
 		}
 		var b batchResult
-		err = lockSeal(ctx, tx, schema)
+		// Checked in the transaction that reads the rows: a pool's
+		// sessions need not all be the same role.
+		err = requireEveryTenant(ctx, tx, schema)
+		if err == nil {
+			err = lockSeal(ctx, tx, schema)
+		}
 		if err == nil {
 			b, err = sealBatch(ctx, tx, q, after, nil)
 		}
@@ -867,6 +870,9 @@ func Seal(ctx context.Context, db *sqlx.DB, schema string) (SealResult, error) {
 		}
 		if err != nil {
 			_ = tx.Rollback()
+			if errors.Is(err, ErrNeedsEveryTenant) {
+				return res, err
+			}
 			return res, fmt.Errorf("pgstore: sealing: %w", err)
 		}
 		res.Skipped = append(res.Skipped, b.skipped...)
@@ -1213,9 +1219,6 @@ func VerifyHistory(ctx context.Context, db *sqlx.DB, schema string, opts VerifyO
 	if err := ValidateSchema(schema); err != nil {
 		return r, err
 	}
-	if err := requireEveryTenant(ctx, db, schema); err != nil {
-		return r, err
-	}
 	var want []byte
 	if opts.Digest != "" {
 		var err error
@@ -1228,6 +1231,9 @@ func VerifyHistory(ctx context.Context, db *sqlx.DB, schema string, opts VerifyO
 		return r, fmt.Errorf("pgstore: verify: %w", err)
 	}
 	defer tx.Rollback() //nolint:errcheck // read-only
+	if err := requireEveryTenant(ctx, tx, schema); err != nil {
+		return r, err
+	}
 	q := quoteIdent(schema)
 	for _, step := range []func(context.Context, *sqlx.Tx, string, *VerifyReport) error{
 		verifyEvents, verifyEmptyStreams, verifyHeads, verifyAudit, verifySeals,
@@ -1552,6 +1558,11 @@ func verifySeals(ctx context.Context, tx *sqlx.Tx, q string, r *VerifyReport) er
 	}
 	prev := zeroHash
 	for i, s := range seals {
+		// Sorted as sealBatch sorts them, whatever the database's encoding
+		// makes of COLLATE "C".
+		slices.SortFunc(s.spans, func(x, y sealSpan) int {
+			return streamKey{x.tenant, x.streamID}.compare(streamKey{y.tenant, y.streamID})
+		})
 		r.Seals++
 		if s.id != int64(i+1) {
 			r.add(VerifyProblem{Kind: ProblemSeal, SealID: s.id, Detail: fmt.Sprintf("seals %d..%d are missing", i+1, s.id-1)})

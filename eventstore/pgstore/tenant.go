@@ -180,11 +180,15 @@ func qualifiedTable(schema, table string) (string, error) {
 }
 
 // requireEveryTenant returns ErrNeedsEveryTenant if row-level security
-// applies to this role on the schema's events or archive.
+// applies to this role on any table the hash chain reads with a tenant:
+// the streams, the log, the archive and the retired streams. Run it in the
+// transaction (the session) that then reads them.
 func requireEveryTenant(ctx context.Context, q sqlx.QueryerContext, schema string) error {
 	var held bool
-	err := q.QueryRowxContext(ctx, `SELECT row_security_active($1::regclass) OR row_security_active($2::regclass)`,
-		quoteIdent(schema)+".events", quoteIdent(schema)+".archived_events").Scan(&held)
+	s := quoteIdent(schema)
+	err := q.QueryRowxContext(ctx, `SELECT row_security_active($1::regclass) OR row_security_active($2::regclass)
+		OR row_security_active($3::regclass) OR row_security_active($4::regclass)`,
+		s+".streams", s+".events", s+".archived_events", s+".retired_streams").Scan(&held)
 	if err != nil {
 		return fmt.Errorf("pgstore: checking row-level security in %s: %w", schema, err)
 	}

@@ -16,10 +16,10 @@ import (
 	"github.com/stele-dev/stele/saga/sagatest"
 )
 
-// review5Def: reserve (local, undone by release), charge (a command with a
+// uncertainDef: reserve (local, undone by release), charge (a command with a
 // 10m deadline and 3 attempts, undone by a refund that says whether it was
 // told the charge is uncertain), ship (a command).
-func review5Def(fx *effects, refundAttempts int) saga.Definition {
+func uncertainDef(fx *effects, refundAttempts int) saga.Definition {
 	refund := saga.Send(func(sc saga.StepContext) (string, *message.Message, error) {
 		msg := message.NewMessage(uuid.NewString(), sc.Input)
 		msg.Metadata.Set("uncertain", strconv.FormatBool(sc.Uncertain))
@@ -37,7 +37,7 @@ func review5Def(fx *effects, refundAttempts int) saga.Definition {
 // out, and its retry is pending (or is the one in flight). The aborted
 // attempt was the charge's last, and it may have acted, so it must be
 // compensated, first, exactly as when it runs out of attempts.
-func TestReview5AbortAfterTimedOutAttemptCompensatesIt(t *testing.T) {
+func TestAbortAfterTimedOutAttemptCompensatesIt(t *testing.T) {
 	for _, tc := range []struct {
 		name  string
 		setup func(f *sagatest.Fixture)
@@ -53,7 +53,7 @@ func TestReview5AbortAfterTimedOutAttemptCompensatesIt(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			fx := newEffects()
-			f := sagatest.New(t, review5Def(fx, 1)).Start("order-1", "order_placed", `{}`)
+			f := sagatest.New(t, uncertainDef(fx, 1)).Start("order-1", "order_placed", `{}`)
 			tc.setup(f)
 			f.Then(saga.Compensating)
 			in := f.Instance()
@@ -70,9 +70,9 @@ func TestReview5AbortAfterTimedOutAttemptCompensatesIt(t *testing.T) {
 
 // An abort after the charge ANSWERED with a transient failure (its retry
 // waiting) is not uncertain: the service said it did not act.
-func TestReview5AbortAfterAnsweredFailureIsNotUncertain(t *testing.T) {
+func TestAbortAfterAnsweredFailureIsNotUncertain(t *testing.T) {
 	fx := newEffects()
-	f := sagatest.New(t, review5Def(fx, 1)).Start("order-1", "order_placed", `{}`)
+	f := sagatest.New(t, uncertainDef(fx, 1)).Start("order-1", "order_placed", `{}`)
 	f.ReplyError("charge", errors.New("gateway busy")).Then(saga.Running)
 	f.Abort("customer cancelled").Then(saga.Compensated).ThenSteps("do:reserve", "undo:reserve")
 	if in := f.Instance(); in.Uncertain != -1 {
@@ -83,9 +83,9 @@ func TestReview5AbortAfterAnsweredFailureIsNotUncertain(t *testing.T) {
 // A late success reply to the timed-out charge, arriving while (and after)
 // its compensation runs, is ignored: the charge is compensated once, first,
 // and never enters Completed.
-func TestReview5LateReplyToUncertainStep(t *testing.T) {
+func TestLateReplyToUncertainStep(t *testing.T) {
 	fx := newEffects()
-	f := sagatest.New(t, review5Def(fx, 1)).Start("order-1", "order_placed", `{}`)
+	f := sagatest.New(t, uncertainDef(fx, 1)).Start("order-1", "order_placed", `{}`)
 	f.Advance(40 * time.Minute).Then(saga.Compensating) // three attempts time out
 	charges := 0
 	for _, c := range f.Sent() {
@@ -112,9 +112,9 @@ func TestReview5LateReplyToUncertainStep(t *testing.T) {
 
 // The uncertain step's compensation fails for good: needs attention, never
 // compensated; an operator's retry runs it again, then the others.
-func TestReview5UncertainCompensationFailsThenRetried(t *testing.T) {
+func TestUncertainCompensationFailsThenRetried(t *testing.T) {
 	fx := newEffects()
-	f := sagatest.New(t, review5Def(fx, 1)).Start("order-1", "order_placed", `{}`)
+	f := sagatest.New(t, uncertainDef(fx, 1)).Start("order-1", "order_placed", `{}`)
 	f.Advance(40 * time.Minute).Then(saga.Compensating)
 	f.ReplyError("undo:charge", bus.Permanent(errors.New("refund refused"))).Then(saga.NeedsAttention)
 	wantEffects(t, fx, "order-1", "reserve") // release has not run
@@ -128,9 +128,9 @@ func TestReview5UncertainCompensationFailsThenRetried(t *testing.T) {
 
 // Earlier attempts timed out, the last one answered: not uncertain. A
 // permanent error wrapping context.DeadlineExceeded is an answer too.
-func TestReview5OnlyTheLastAttemptCounts(t *testing.T) {
+func TestOnlyTheLastAttemptCounts(t *testing.T) {
 	fx := newEffects()
-	f := sagatest.New(t, review5Def(fx, 1)).Start("order-1", "order_placed", `{}`)
+	f := sagatest.New(t, uncertainDef(fx, 1)).Start("order-1", "order_placed", `{}`)
 	f.Advance(10 * time.Minute).Advance(time.Minute) // attempt 1 times out, attempt 2 starts
 	f.Advance(10 * time.Minute).Advance(time.Minute) // attempt 2 times out, attempt 3 starts
 	f.ReplyError("charge", errors.New("gateway busy")).Then(saga.Compensated).ThenSteps("do:reserve", "undo:reserve")
@@ -146,7 +146,7 @@ func TestReview5OnlyTheLastAttemptCounts(t *testing.T) {
 		{fmt.Errorf("gateway: %w", context.DeadlineExceeded), 1},
 	} {
 		fx := newEffects()
-		def := review5Def(fx, 1)
+		def := uncertainDef(fx, 1)
 		def.Steps[1].Action = saga.Do(func(context.Context, saga.StepContext) ([]byte, error) { return nil, tc.err })
 		def.Steps[1].Compensation = fx.do("refund")
 		def.Steps[1].Retry = &saga.RetryPolicy{MaxAttempts: 1}
@@ -159,7 +159,7 @@ func TestReview5OnlyTheLastAttemptCounts(t *testing.T) {
 
 // An awaited event for the uncertain step that arrives after compensating
 // began does not complete it.
-func TestReview5LateAwaitedEvent(t *testing.T) {
+func TestLateAwaitedEvent(t *testing.T) {
 	fx := newEffects()
 	def := saga.Definition{Name: "pay", StartedBy: "order_placed", Retry: saga.RetryPolicy{MaxAttempts: 1}, Steps: []saga.Step{
 		{Name: "reserve", Action: fx.do("reserve"), Compensation: fx.do("release")},
@@ -176,9 +176,9 @@ func TestReview5LateAwaitedEvent(t *testing.T) {
 // A Send action whose command builder fails (nothing was recorded or sent)
 // with an error that wraps context.DeadlineExceeded: no command left, so
 // the step cannot have acted.
-func TestReview5CommandNeverBuiltIsNotUncertain(t *testing.T) {
+func TestCommandNeverBuiltIsNotUncertain(t *testing.T) {
 	fx := newEffects()
-	def := review5Def(fx, 1)
+	def := uncertainDef(fx, 1)
 	def.Steps[1].Action = saga.Send(func(saga.StepContext) (string, *message.Message, error) {
 		return "", nil, fmt.Errorf("looking up the account: %w", context.DeadlineExceeded)
 	})
