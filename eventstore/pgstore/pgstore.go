@@ -198,7 +198,8 @@ const eventColumns = `e.global_position, e.transaction_id::text AS xid, e.stream
 func (st *statements) init(schema string) {
 	// Every statement names the tenant ('' for a store bound to none) as its
 	// last parameter: the keys and indexes lead with it. The feed's reads are
-	// functions of migration 0008, which pin their plans.
+	// functions of migration 0008, which pin their plans; the stream reads,
+	// functions of 0010 planned on each call.
 	feed := `SELECT * FROM ` + schema + `.read_feed(`
 	catFeed := `SELECT * FROM ` + schema + `.read_category_feed(`
 	cursor := `$1::text::xid8, $2::bigint, $3::int, `
@@ -213,11 +214,10 @@ func (st *statements) init(schema string) {
 			FROM (SELECT set_config('` + TenantSetting + `', $13, true) AS tenant) t, LATERAL ` + schema +
 			`.append_events(CASE WHEN t.tenant = $13 THEN $1::text[] END, $2::bigint[], $3::int[], $4::int[], $5::int[], $6::int[], $7::uuid[], $8::text[], $9::text[], $10::bytea[], $11::jsonb[], $12::boolean) o`,
 		stmtStoredByID: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e WHERE e.event_id = ANY ($1::uuid[]) AND e.tenant_id = $2`,
-		stmtReadFwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
-			WHERE e.tenant_id = $4 AND e.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3`,
-		stmtReadBwd: `SELECT ` + eventColumns + ` FROM ` + schema + `.events e
-			WHERE e.tenant_id = $4 AND e.stream_id = $1 AND e.version <= $2 ORDER BY e.version DESC LIMIT $3`,
-		stmtVersion:         `SELECT version FROM ` + schema + `.streams WHERE tenant_id = $2 AND stream_id = $1`,
+		// Stream reads are functions of migration 0010, planned per call.
+		stmtReadFwd:         `SELECT * FROM ` + schema + `.read_stream($4, $1::text, $2::bigint, $3::bigint, false)`,
+		stmtReadBwd:         `SELECT * FROM ` + schema + `.read_stream($4, $1::text, $2::bigint, $3::bigint, true)`,
+		stmtVersion:         `SELECT * FROM ` + schema + `.stream_version($2, $1::text)`,
 		stmtHead:            `SELECT * FROM ` + schema + `.feed_head($1)`,
 		stmtReadAll:         feed + `$4, ` + cursor + `NULL)`,
 		stmtReadAllSince:    feed + `$5, ` + cursor + `$4)`,

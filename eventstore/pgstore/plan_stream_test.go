@@ -1,0 +1,94 @@
+package pgstore
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"testing"
+
+	"github.com/jmoiron/sqlx"
+
+	"github.com/stele-dev/stele/internal/testdb"
+)
+
+// TestStreamLookupsStayOnTheKey: a stream read (forwards and backwards), the
+// version lookup and the append that creates a stream, their plans cached
+// while the tables were nearly empty, still go straight to the stream's rows
+// after the log has grown a hundredfold with no ANALYZE in between. Since
+// every index leads with the tenant, such a plan once settled on another
+// index with the tenant as its only condition, and read the tenant's whole
+// log on every call (W8 fell from 600 to 250 sagas/s).
+func TestStreamLookupsStayOnTheKey(t *testing.T) {
+	ctx := context.Background()
+	db := testdb.Open(t, "postgres")
+	schema := testdb.Schema(t, db)
+	if _, err := Migrate(ctx, db, schema); err != nil {
+		t.Fatal(err)
+	}
+	q := `"` + schema + `"`
+	testdb.Exec(t, db, `ALTER TABLE `+q+`.events SET (autovacuum_enabled = false)`,
+		`ALTER TABLE `+q+`.streams SET (autovacuum_enabled = false)`)
+	st := &statements{}
+	st.init(q)
+	conn, err := db.Connx(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	// Cache every plan now, on nearly empty tables, as the first calls of a
+	// fresh deployment do; generic plans, as a long-lived session ends up with.
+	testdb.Exec(t, conn, `SET plan_cache_mode = force_generic_plan`)
+	appendNew := func(stream string) string {
+		return `SELECT * FROM ` + q + `.append_events(ARRAY['` + stream + `'], '{-2}', '{1}', '{1}', '{1}', '{1}',
+			ARRAY[gen_random_uuid()], '{placed}', '{application/json}', ARRAY['\x7b7d']::bytea[], ARRAY['{}']::jsonb[], false)`
+	}
+	testdb.Exec(t, conn, appendNew("order-1"), appendNew("order-2"),
+		`PREPARE fwd AS `+st.text[stmtReadFwd], `PREPARE bwd AS `+st.text[stmtReadBwd], `PREPARE ver AS `+st.text[stmtVersion],
+		`EXECUTE fwd('order-1', 1, 100, '')`, `EXECUTE bwd('order-1', 9223372036854775807, 100, '')`, `EXECUTE ver('order-1', '')`)
+
+	testdb.Exec(t, db, `INSERT INTO `+q+`.streams (stream_id, category, version, last_xid)
+		SELECT 'bulk-' || g, 'bulk', 10, '1'::xid8 FROM generate_series(1, 10000) g`,
+		`INSERT INTO `+q+`.events (stream_id, version, category, event_id, event_type, content_type, data, metadata)
+		SELECT 'bulk-' || (g / 10 + 1), g % 10 + 1, 'bulk', gen_random_uuid(), 'T', 'application/json', '\x7b7d', '{}'
+		  FROM generate_series(0, 99999) g`)
+
+	for what, stmt := range map[string]string{
+		"read forwards":       `EXECUTE fwd('bulk-77', 1, 100, '')`,
+		"read backwards":      `EXECUTE bwd('bulk-77', 9223372036854775807, 100, '')`,
+		"version":             `EXECUTE ver('bulk-77', '')`,
+		"append a new stream": appendNew("order-3"),
+	} {
+		if got := buffersOf(t, conn, stmt); got > 60 {
+			t.Errorf("%s read %d buffers on a log of 100,000 events: not a lookup by key", what, got)
+		}
+	}
+}
+
+// buffersOf runs stmt under EXPLAIN (ANALYZE, BUFFERS) on conn and returns
+// the shared buffers it touched, functions included.
+func buffersOf(t *testing.T, conn *sqlx.Conn, stmt string) int {
+	t.Helper()
+	rows, err := conn.QueryxContext(context.Background(), `EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF, SUMMARY OFF) `+stmt)
+	if err != nil {
+		t.Fatalf("%s: %v", stmt, err)
+	}
+	defer rows.Close()
+	for rows.Next() {
+		var line string
+		if err := rows.Scan(&line); err != nil {
+			t.Fatal(err)
+		}
+		if i := strings.Index(line, "Buffers: shared"); i >= 0 {
+			n := 0
+			for _, f := range strings.Fields(line[i+len("Buffers: shared"):]) {
+				var v int
+				if _, err := fmt.Sscanf(f[strings.Index(f, "=")+1:], "%d", &v); err == nil {
+					n += v
+				}
+			}
+			return n
+		}
+	}
+	t.Fatalf("no buffer count in the plan of %s", stmt)
+	return 0
+}
