@@ -98,7 +98,6 @@ func feedPagesSeek(t *testing.T, analyze bool) {
 // returns the shared buffers it touched, functions included.
 func readBuffers(t *testing.T, conn *sqlx.Conn, query string, args ...any) int {
 	t.Helper()
-	ctx := context.Background()
 	lits := make([]string, len(args))
 	for i, a := range args {
 		lits[i] = fmt.Sprintf("'%v'", a)
@@ -106,22 +105,5 @@ func readBuffers(t *testing.T, conn *sqlx.Conn, query string, args ...any) int {
 	testdb.Exec(t, conn, `DEALLOCATE ALL`, `PREPARE q AS `+query)
 	// Warm the cache and the function's plan first: count a steady page.
 	testdb.Exec(t, conn, `EXECUTE q(`+strings.Join(lits, ", ")+`)`)
-	rows, err := conn.QueryxContext(ctx, `EXPLAIN (ANALYZE, BUFFERS, COSTS OFF, TIMING OFF, SUMMARY OFF) EXECUTE q(`+strings.Join(lits, ", ")+`)`)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer rows.Close()
-	for rows.Next() {
-		var line string
-		if err := rows.Scan(&line); err != nil {
-			t.Fatal(err)
-		}
-		if i := strings.Index(line, "Buffers: shared hit="); i >= 0 {
-			var n int
-			fmt.Sscanf(line[i+len("Buffers: shared hit="):], "%d", &n)
-			return n
-		}
-	}
-	t.Fatalf("no buffer count in the plan of %s", query)
-	return 0
+	return buffersOf(t, conn, `EXECUTE q(`+strings.Join(lits, ", ")+`)`)
 }
