@@ -2,6 +2,7 @@ package pgstore
 
 import (
 	"context"
+	"fmt"
 	"strconv"
 	"strings"
 	"testing"
@@ -38,8 +39,15 @@ func TestStreamLookupsStayOnTheKey(t *testing.T) {
 	// The session goes back to the pool: leave nothing of this test on it.
 	defer testdb.Exec(t, conn, `DEALLOCATE ALL`, `RESET plan_cache_mode`, `DISCARD PLANS`)
 	testdb.Exec(t, conn, `DEALLOCATE ALL`)
-	// Cache every plan now, on nearly empty tables, as the first calls of a
-	// fresh deployment do; generic plans, as a long-lived session ends up with.
+	// A fresh deployment: a few dozen events, which autovacuum has just
+	// analyzed (it does after the first 50 rows). Cache every plan now, as
+	// the first calls do; generic plans, as a long-lived session ends up with.
+	testdb.Exec(t, db, `INSERT INTO `+q+`.streams (stream_id, category, version, last_xid)
+		SELECT 'seed-' || g, 'seed', 10, '1'::xid8 FROM generate_series(1, 5) g`,
+		`INSERT INTO `+q+`.events (stream_id, version, category, event_id, event_type, content_type, data, metadata)
+		SELECT 'seed-' || (g % 5 + 1), g / 5 + 1, 'seed', gen_random_uuid(), 'T', 'application/json', '\x7b7d', '{}'
+		  FROM generate_series(0, 49) g`,
+		`ANALYZE `+q+`.events`, `ANALYZE `+q+`.streams`)
 	testdb.Exec(t, conn, `SET plan_cache_mode = force_generic_plan`)
 	appendNew := func(stream string) string {
 		return `SELECT * FROM ` + q + `.append_events(ARRAY['` + stream + `'], '{-2}', '{1}', '{1}', '{1}', '{1}',
@@ -55,19 +63,29 @@ func TestStreamLookupsStayOnTheKey(t *testing.T) {
 		SELECT 'bulk-' || (g / 10 + 1), g % 10 + 1, 'bulk', gen_random_uuid(), 'T', 'application/json', '\x7b7d', '{}'
 		  FROM generate_series(0, 99999) g`)
 
-	// A lookup by key reads a few index and heap pages; an append also
-	// writes every index of both tables (up to 90 buffers in all, seen
-	// under -race). A scan of the tenant's streams or events reads hundreds.
+	// A lookup by key reads a few index and heap pages: 3 to 6 here. An
+	// append also writes every index of both tables: 23 buffers on an idle
+	// server, 408 while other tests ran beside it. The plans this guards
+	// against read 1,640 (a stream read) and 10,431 (the append's probe for
+	// an existing stream) on this log.
+	// The counts include the catalog pages a function's planning reads, and
+	// other tests' DDL can make a session reload its catalog caches (600
+	// buffers once, under load): take the least of three calls, which a
+	// reload does not repeat and a scanning plan always does.
 	for _, c := range []struct {
-		what, stmt string
-		max        int
+		what string
+		stmt func(i int) string
+		max  int
 	}{
-		{"read forwards", `EXECUTE fwd('bulk-77', 1, 100, '')`, 60},
-		{"read backwards", `EXECUTE bwd('bulk-77', 9223372036854775807, 100, '')`, 60},
-		{"version", `EXECUTE ver('bulk-77', '')`, 60},
-		{"append a new stream", appendNew("order-3"), 200},
+		{"read forwards", func(int) string { return `EXECUTE fwd('bulk-77', 1, 100, '')` }, 60},
+		{"read backwards", func(int) string { return `EXECUTE bwd('bulk-77', 9223372036854775807, 100, '')` }, 60},
+		{"version", func(int) string { return `EXECUTE ver('bulk-77', '')` }, 60},
+		{"append a new stream", func(i int) string { return appendNew(fmt.Sprintf("new-%d", i)) }, 2000},
 	} {
-		got := buffersOf(t, conn, c.stmt)
+		got := buffersOf(t, conn, c.stmt(0))
+		for i := 1; i < 3; i++ {
+			got = min(got, buffersOf(t, conn, c.stmt(i)))
+		}
 		t.Logf("%s: %d buffers", c.what, got)
 		if got > c.max {
 			t.Errorf("%s read %d buffers on a log of 100,000 events in 50,000 streams: not a lookup by key", c.what, got)
