@@ -82,7 +82,18 @@ func Schema(t testing.TB, db *sqlx.DB) string {
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 		defer cancel()
-		if _, err := db.ExecContext(ctx, `DROP SCHEMA IF EXISTS "`+name+`" CASCADE`); err != nil {
+		// A consumer of the test (a bus subscriber, say) may still be
+		// finishing a transaction on the schema's tables as the test ends;
+		// PostgreSQL then picks the DROP as a deadlock's victim. Try again.
+		var err error
+		for attempt := 0; attempt < 5; attempt++ {
+			if _, err = db.ExecContext(ctx, `DROP SCHEMA IF EXISTS "`+name+`" CASCADE`); err == nil ||
+				!strings.Contains(err.Error(), "deadlock detected") {
+				break
+			}
+			time.Sleep(time.Duration(attempt+1) * 100 * time.Millisecond)
+		}
+		if err != nil {
 			t.Errorf("dropping test schema %s: %v", name, err)
 		}
 	})
