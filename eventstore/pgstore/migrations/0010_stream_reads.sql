@@ -2,9 +2,9 @@
 --
 -- Since 0008 every index of events and streams leads with tenant_id. A
 -- statement planned once and cached (a prepared statement, or a statement
--- in a PL/pgSQL function) while the tables were nearly empty could settle on
--- any of them with only the tenant as its condition: the estimates tie at
--- one row. Once cached, that plan read every event (or stream) of the tenant
+-- in a PL/pgSQL function) while the tables were small could settle on a
+-- scan, or on any of them with only the tenant as its condition: on a small
+-- table the estimates tie. Once cached, that plan read every event (or stream) of the tenant
 -- on each call: a stream read, and the creation of a stream, grew linear in
 -- the log, and W8 fell from about 600 to 250 sagas/s. (Stating the range as
 -- row comparisons over the key does not help: the planner derives bounds on
